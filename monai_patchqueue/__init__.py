@@ -1,0 +1,30 @@
+"""monai_patchqueue: TorchIO-style patch samplers, patch queue and grid inference, natively in MONAI."""
+
+from .datasets import example_brain
+from .transforms import (
+    LOCATION,
+    GridSampler,
+    GridSamplerd,
+    LabelSampler,
+    LabelSamplerd,
+    UniformSampler,
+    UniformSamplerd,
+    WeightedSampler,
+    WeightedSamplerd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOCATION",
+    "GridSampler",
+    "GridSamplerd",
+    "LabelSampler",
+    "LabelSamplerd",
+    "UniformSampler",
+    "UniformSamplerd",
+    "WeightedSampler",
+    "WeightedSamplerd",
+    "__version__",
+    "example_brain",
+]

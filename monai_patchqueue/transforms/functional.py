@@ -1,0 +1,135 @@
+"""Cropping patches out of a volume and putting them back, with the affine, location and trace kept right.
+
+These are the functional layer under the array samplers: no randomness, no keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.data.meta_obj import get_track_meta
+from monai.utils import MetaKeys, TraceKeys
+
+__all__ = ["LOCATION", "crop_patches", "restore_patch", "shifted_affine", "spatial_shape_of"]
+
+LOCATION = "location"
+"""Key of a patch's location (starts then exclusive ends, int64) in its dict and in its MetaTensor's meta."""
+
+
+def spatial_shape_of(img: torch.Tensor | np.ndarray, where: str) -> tuple[int, ...]:
+    """Return the spatial shape of a channel-first image with 2 or 3 spatial dims, or raise naming ``where``."""
+    if not hasattr(img, "shape"):
+        raise TypeError(f"{where} should be a tensor or array, but got {type(img).__name__}")
+    if len(img.shape) not in (3, 4):
+        raise ValueError(
+            f"{where} should be channel-first with 2 or 3 spatial dims, (C, H, W[, D]), but has shape "
+            f"{tuple(int(s) for s in img.shape)}"
+        )
+    return tuple(int(s) for s in img.shape[1:])
+
+
+def shifted_affine(affine: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
+    """Return the affine of a crop starting at voxel ``start``: its voxel 0 maps to the world point of ``start``.
+
+    Spacing and direction are unchanged; only the translation column moves.
+
+    Example:
+        >>> shifted_affine(torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])), (1, 2, 3))[:3, 3]
+        tensor([2., 4., 6.])
+    """
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    rank = affine.shape[-1] - 1
+    used = min(len(start), rank)
+    shift = torch.tensor([float(s) for s in start[:used]], dtype=torch.float64)
+    out = affine.clone()
+    out[:rank, rank] += affine[:rank, :used] @ shift
+    return out
+
+
+def _slices(location: Sequence[int]) -> tuple[slice, ...]:
+    half = len(location) // 2
+    return (slice(None),) + tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:]))
+
+
+def crop_patches(
+    img: torch.Tensor | np.ndarray, locations: np.ndarray, trace: dict | None = None
+) -> list[torch.Tensor]:
+    """Return one contiguous copy of ``img`` per location.
+
+    With metadata tracking on (MONAI's default), each patch is a MetaTensor that carries ``img``'s meta with
+    the affine shifted to the patch (:func:`shifted_affine`), ``meta["location"]`` (int64, starts then ends),
+    and ``img``'s applied operations followed by ``trace`` (when given) completed with the original size and
+    the location, so that the patch can be put back by :func:`restore_patch`.
+
+    Args:
+        img: ``(C, *spatial)`` MetaTensor, tensor or array.
+        locations: ``(K, 2n)`` int locations inside the spatial shape.
+        trace: the cropping transform's ``get_transform_info()``, or None not to record one.
+
+    Example:
+        >>> from monai.data import MetaTensor
+        >>> patches = crop_patches(MetaTensor(torch.arange(16.0).reshape(1, 4, 4)), np.array([[1, 1, 3, 3]]))
+        >>> patches[0].as_tensor()
+        tensor([[[ 5.,  6.],
+                 [ 9., 10.]]])
+        >>> patches[0].meta["location"]
+        tensor([1, 1, 3, 3])
+    """
+    data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+    crops = [data[_slices(location)].clone(memory_format=torch.contiguous_format) for location in locations]
+    if not get_track_meta():
+        return crops
+    if isinstance(img, MetaTensor):
+        meta, affine, operations = img.meta, img.affine, img.applied_operations
+    else:
+        meta, affine, operations = {}, MetaTensor.get_default_affine(), []
+    half = locations.shape[1] // 2
+    patches = []
+    for crop, location in zip(crops, locations):
+        patch_meta = dict(meta)
+        patch_meta[MetaKeys.AFFINE] = shifted_affine(affine, location[:half])
+        patch_meta[LOCATION] = torch.as_tensor(location, dtype=torch.int64)
+        patch_operations = list(operations)
+        if trace is not None:
+            patch_operations.append(
+                {
+                    **trace,
+                    TraceKeys.ORIG_SIZE: tuple(int(s) for s in data.shape[1:]),
+                    TraceKeys.EXTRA_INFO: {LOCATION: [int(v) for v in location]},
+                }
+            )
+        patches.append(MetaTensor(crop, meta=patch_meta, applied_operations=patch_operations))
+    return patches
+
+
+def restore_patch(patch: torch.Tensor, transform: dict) -> MetaTensor:
+    """Return ``patch`` put back at its location in a zero volume of the original spatial shape.
+
+    Args:
+        patch: ``(C, *patch_size)`` MetaTensor whose cropping entry was popped into ``transform``.
+        transform: the popped trace entry written by :func:`crop_patches`.
+
+    Raises:
+        ValueError: the patch's spatial shape is not the one recorded at cropping.
+    """
+    original_shape = tuple(transform[TraceKeys.ORIG_SIZE])
+    location = transform[TraceKeys.EXTRA_INFO][LOCATION]
+    half = len(location) // 2
+    expected = tuple(e - s for s, e in zip(location[:half], location[half:]))
+    if tuple(patch.shape[1:]) != expected:
+        raise ValueError(
+            f"cannot put back a patch of spatial shape {tuple(patch.shape[1:])} at location {location}: "
+            f"it was cropped with spatial shape {expected}"
+        )
+    data = patch.as_tensor() if isinstance(patch, MetaTensor) else torch.as_tensor(patch)
+    volume = torch.zeros((data.shape[0], *original_shape), dtype=data.dtype, device=data.device)
+    volume[_slices(location)] = data
+    if not isinstance(patch, MetaTensor):
+        return MetaTensor(volume)
+    meta = dict(patch.meta)
+    meta.pop(LOCATION, None)
+    meta[MetaKeys.AFFINE] = shifted_affine(patch.affine, [-s for s in location[:half]])
+    return MetaTensor(volume, meta=meta, applied_operations=list(patch.applied_operations))
