@@ -26,6 +26,7 @@ __all__ = [
     "label_probability_map",
     "label_starts",
     "uniform_starts",
+    "weighted_probability_map",
     "weighted_starts",
 ]
 
@@ -153,6 +154,28 @@ def weighted_starts(
     if valid.numel() == 0 or row_cdf[-1].item() <= 0:
         raise ValueError(_no_centre_message(f"`{name}`", patch_size))
     return _draw_indices(valid, row_cdf, num_samples, rng)
+
+
+def weighted_probability_map(
+    probability_map: torch.Tensor, patch_size: Sequence[int], *, name: str = "probability_map"
+) -> torch.Tensor:
+    """Return the spatial float64 map of each voxel's probability of being drawn as a centre by the weighted sampler.
+
+    It is ``probability_map`` with the non-centre border zeroed, normalised to sum to 1: what
+    :func:`weighted_starts` samples from (used by tests, tutorials and to compare with TorchIO).
+
+    Example:
+        >>> weighted_probability_map(torch.tensor([[1.0, 1.0, 2.0, 4.0]]), (1, 3))
+        tensor([[0.0000, 0.3333, 0.6667, 0.0000]], dtype=torch.float64)
+    """
+    _check_probability_values(probability_map, name)
+    probabilities = torch.zeros(probability_map.shape, dtype=torch.float64)
+    valid = _valid_centres(probabilities, patch_size)
+    valid += _valid_centres(probability_map, patch_size).to(torch.float64)
+    total = valid.sum().item()
+    if total <= 0:
+        raise ValueError(_no_centre_message(f"`{name}`", patch_size))
+    return probabilities / total
 
 
 @dataclass(frozen=True)

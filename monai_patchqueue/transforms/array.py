@@ -82,7 +82,7 @@ class UniformSampler(Randomizable, PatchCropper):
         >>> [tuple(p.shape) for p in patches]
         [(1, 4, 4, 4), (1, 4, 4, 4)]
         >>> patches[0].meta["location"]
-        tensor([4, 5, 0, 8, 9, 4])
+        tensor([4, 3, 3, 8, 7, 7])
     """
 
     def __init__(self, patch_size: int | Sequence[int], num_samples: int = 1) -> None:
@@ -272,6 +272,11 @@ class GridSampler(PatchCropper):
         super().__init__(patch_size)
         self.patch_overlap = spatial_sizes(patch_overlap, "patch_overlap", minimum=0)
         ndim = max(len(self.patch_size), len(self.patch_overlap))
+        if min(len(self.patch_size), len(self.patch_overlap)) > 1 and len(self.patch_size) != len(self.patch_overlap):
+            raise ValueError(
+                f"`patch_overlap` {self.patch_overlap} has {len(self.patch_overlap)} values but `patch_size` "
+                f"{self.patch_size} has {len(self.patch_size)}"
+            )
         check_patch_overlap(
             expand_to_spatial_dims(self.patch_overlap, ndim, "patch_overlap"),
             expand_to_spatial_dims(self.patch_size, ndim, "patch_size"),

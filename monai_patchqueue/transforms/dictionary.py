@@ -101,7 +101,7 @@ class UniformSamplerd(_RandomPatchSamplerd):
         >>> len(patches), tuple(patches[0]["image"].shape), patches[0]["id"]
         (2, (1, 4, 4, 4), 'subject-1')
         >>> patches[0]["location"]
-        tensor([4, 5, 0, 8, 9, 4])
+        tensor([4, 3, 3, 8, 7, 7])
     """
 
     def __init__(

@@ -38,7 +38,7 @@ def shifted_affine(affine: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
 
     Example:
         >>> shifted_affine(torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])), (1, 2, 3))[:3, 3]
-        tensor([2., 4., 6.])
+        tensor([2., 4., 6.], dtype=torch.float64)
     """
     affine = torch.as_tensor(affine, dtype=torch.float64)
     rank = affine.shape[-1] - 1
