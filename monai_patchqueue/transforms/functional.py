@@ -5,15 +5,24 @@ These are the functional layer under the array samplers: no randomness, no keys.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
-from monai.utils import MetaKeys, TraceKeys
+from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
-__all__ = ["LOCATION", "crop_patches", "restore_patch", "shifted_affine", "spatial_shape_of"]
+__all__ = [
+    "LOCATION",
+    "crop_patches",
+    "new_metatensor",
+    "restore_patch",
+    "shifted_affine",
+    "shifted_affines",
+    "spatial_shape_of",
+]
 
 LOCATION = "location"
 """Key of a patch's location (starts then exclusive ends, int64) in its dict and in its MetaTensor's meta."""
@@ -54,15 +63,58 @@ def _slices(location: Sequence[int]) -> tuple[slice, ...]:
     return (slice(None),) + tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:]))
 
 
+def shifted_affines(affine: torch.Tensor, starts: np.ndarray) -> torch.Tensor:
+    """Return ``(K, r + 1, r + 1)`` affines, one per row of ``starts``, as :func:`shifted_affine` in one op."""
+    affine = torch.as_tensor(affine, dtype=torch.float64)
+    rank = affine.shape[-1] - 1
+    used = min(starts.shape[1], rank)
+    shifts = torch.as_tensor(starts[:, :used], dtype=torch.float64) @ affine[:rank, :used].T
+    out = affine.expand(len(starts), -1, -1).clone()
+    out[:, :rank, rank] += shifts
+    return out
+
+
+def _meta_copy(meta: dict) -> dict:
+    """Return a copy of ``meta`` whose arrays, tensors and containers are copied, other values shared.
+
+    MONAI's MetaTensor constructor deep-copies the whole meta dict, which dominates the cost of a small crop;
+    this copies only what can be changed in place (e.g. ``pixdim`` is updated in place by later transforms).
+    """
+    out = {}
+    for key, value in meta.items():
+        if isinstance(value, np.ndarray):
+            value = value.copy()
+        elif isinstance(value, torch.Tensor):
+            value = value.clone()
+        elif isinstance(value, (dict, list, set)):
+            value = copy.deepcopy(value)
+        out[key] = value
+    return out
+
+
+def new_metatensor(data: torch.Tensor, meta: dict, applied_operations: list) -> MetaTensor:
+    """Wrap ``data`` (no copy) in a MetaTensor owning ``meta`` and ``applied_operations`` as given.
+
+    Equivalent to ``MetaTensor(data, meta=meta, applied_operations=applied_operations)`` without its deep copy
+    of ``meta``: the caller passes a dict the patch can own.
+    """
+    out = data.as_subclass(MetaTensor)
+    out.meta = meta
+    out.affine = meta[MetaKeys.AFFINE]  # the setter also syncs the spatial rank
+    out.applied_operations = applied_operations
+    out.meta.setdefault(MetaKeys.SPACE, SpaceKeys.RAS)
+    return out
+
+
 def crop_patches(
     img: torch.Tensor | np.ndarray, locations: np.ndarray, trace: dict | None = None
 ) -> list[torch.Tensor]:
     """Return one contiguous copy of ``img`` per location.
 
-    With metadata tracking on (MONAI's default), each patch is a MetaTensor that carries ``img``'s meta with
-    the affine shifted to the patch (:func:`shifted_affine`), ``meta["location"]`` (int64, starts then ends),
-    and ``img``'s applied operations followed by ``trace`` (when given) completed with the original size and
-    the location, so that the patch can be put back by :func:`restore_patch`.
+    With metadata tracking on (MONAI's default), each patch is a MetaTensor that carries a copy of ``img``'s
+    meta with the affine shifted to the patch (:func:`shifted_affine`), ``meta["location"]`` (int64, starts
+    then ends), and ``img``'s applied operations followed by ``trace`` (when given) completed with the original
+    size and the location, so that the patch can be put back by :func:`restore_patch`.
 
     Args:
         img: ``(C, *spatial)`` MetaTensor, tensor or array.
@@ -87,21 +139,18 @@ def crop_patches(
     else:
         meta, affine, operations = {}, MetaTensor.get_default_affine(), []
     half = locations.shape[1] // 2
+    affines = shifted_affines(affine, locations[:, :half])
+    original_size = tuple(int(s) for s in data.shape[1:])
     patches = []
-    for crop, location in zip(crops, locations):
-        patch_meta = dict(meta)
-        patch_meta[MetaKeys.AFFINE] = shifted_affine(affine, location[:half])
+    for crop, location, patch_affine in zip(crops, locations, affines):
+        patch_meta = _meta_copy(meta)
+        patch_meta[MetaKeys.AFFINE] = patch_affine
         patch_meta[LOCATION] = torch.as_tensor(location, dtype=torch.int64)
-        patch_operations = list(operations)
+        patch_operations = copy.deepcopy(operations) if operations else []
         if trace is not None:
-            patch_operations.append(
-                {
-                    **trace,
-                    TraceKeys.ORIG_SIZE: tuple(int(s) for s in data.shape[1:]),
-                    TraceKeys.EXTRA_INFO: {LOCATION: [int(v) for v in location]},
-                }
-            )
-        patches.append(MetaTensor(crop, meta=patch_meta, applied_operations=patch_operations))
+            extra = {LOCATION: [int(v) for v in location]}
+            patch_operations.append({**trace, TraceKeys.ORIG_SIZE: original_size, TraceKeys.EXTRA_INFO: extra})
+        patches.append(new_metatensor(crop, patch_meta, patch_operations))
     return patches
 
 
@@ -129,7 +178,7 @@ def restore_patch(patch: torch.Tensor, transform: dict) -> MetaTensor:
     volume[_slices(location)] = data
     if not isinstance(patch, MetaTensor):
         return MetaTensor(volume)
-    meta = dict(patch.meta)
+    meta = _meta_copy(patch.meta)
     meta.pop(LOCATION, None)
     meta[MetaKeys.AFFINE] = shifted_affine(patch.affine, [-s for s in location[:half]])
-    return MetaTensor(volume, meta=meta, applied_operations=list(patch.applied_operations))
+    return new_metatensor(volume, meta, copy.deepcopy(patch.applied_operations))
