@@ -55,9 +55,24 @@ def _valid_centres(volume: torch.Tensor, patch_size: Sequence[int]) -> torch.Ten
     return volume[leading + tuple(slice(lo, hi) for lo, hi in zip(low, high))]
 
 
-def _row_cdf(weights: torch.Tensor) -> torch.Tensor:
-    """Return the cumulative sum, in float64, of the sums of ``weights`` over its last axis (rows flattened)."""
-    return torch.cumsum(weights.sum(dim=-1, dtype=torch.float64).reshape(-1), dim=0)
+def _row_sums(weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Return the sums of ``weights`` over its last axis, by the fastest exact-enough route for its dtype.
+
+    Bool masks (tensors or NumPy arrays) are counted by NumPy (an order of magnitude faster than torch's bool reductions); floats are
+    summed in their own precision (a row is short) and redone in float64 only if that overflowed. A row of
+    zeros always sums to exactly zero, so it is never drawn.
+    """
+    if isinstance(weights, np.ndarray) or weights.dtype == torch.bool:
+        return torch.from_numpy(np.asarray(np.count_nonzero(np.asarray(weights), axis=-1)))
+    if weights.is_floating_point():
+        sums = weights.sum(dim=-1, dtype=torch.float32 if weights.dtype != torch.float64 else None)
+        return sums if bool(torch.isfinite(sums).all()) else weights.sum(dim=-1, dtype=torch.float64)
+    return weights.sum(dim=-1)
+
+
+def _row_cdf(weights: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Return the float64 cumulative sum of the sums of ``weights`` over its last axis (rows flattened)."""
+    return torch.cumsum(_row_sums(weights).reshape(-1).to(torch.float64), dim=0)
 
 
 def _inverse_cdf(cdf: torch.Tensor, uniforms: np.ndarray) -> torch.Tensor:
@@ -222,7 +237,9 @@ def _present_classes(
     """Return each class present among valid centres with its row CDF; warn once about absent ones."""
     present, absent = [], []
     for label_class in classes:
-        row_cdf = _row_cdf(label_class.matches(valid[label_class.channel]))
+        values = valid[label_class.channel]
+        # NumPy compares a strided uint8/float view several times faster than torch does.
+        row_cdf = _row_cdf(label_class.matches(values.numpy() if values.device.type == "cpu" else values))
         if row_cdf.numel() and row_cdf[-1].item() > 0:
             present.append((label_class, row_cdf))
         else:
