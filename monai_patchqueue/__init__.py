@@ -1,6 +1,7 @@
 """monai_patchqueue: TorchIO-style patch samplers, patch queue and grid inference, natively in MONAI."""
 
 from .datasets import example_brain
+from .inferers import GridAggregator, GridInferer
 from .transforms import (
     LOCATION,
     GridSampler,
@@ -17,6 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LOCATION",
+    "GridAggregator",
+    "GridInferer",
     "GridSampler",
     "GridSamplerd",
     "LabelSampler",

@@ -10,6 +10,7 @@ import numpy as np
 __all__ = [
     "check_bool",
     "check_label_probabilities",
+    "check_padding_mode",
     "check_patch_fits",
     "check_patch_overlap",
     "check_positive_int",
@@ -86,6 +87,29 @@ def expand_to_spatial_dims(sizes: tuple[int, ...], ndim: int, name: str) -> tupl
             f"`{name}` {tuple(sizes)} has {len(sizes)} values but the image has {ndim} spatial dims"
         )
     return sizes
+
+
+PAD_MODES = frozenset(
+    {"constant", "edge", "empty", "linear_ramp", "maximum", "mean", "median", "minimum", "reflect",
+     "replicate", "circular", "symmetric", "wrap"}
+)  # fmt: skip
+
+
+def check_padding_mode(padding_mode: object) -> str | float | None:
+    """Return ``padding_mode``: None, a MONAI/NumPy pad mode, or a number (as a float) for constant padding.
+
+    Example:
+        >>> check_padding_mode(0), check_padding_mode("reflect"), check_padding_mode(None)
+        (0.0, 'reflect', None)
+    """
+    if padding_mode is None or (isinstance(padding_mode, str) and padding_mode in PAD_MODES):
+        return padding_mode
+    if isinstance(padding_mode, numbers.Real) and not isinstance(padding_mode, bool):
+        return float(padding_mode)
+    raise ValueError(
+        f"`padding_mode` should be None, a number (constant padding) or one of {sorted(PAD_MODES)}, "
+        f"but got padding_mode={padding_mode!r}"
+    )
 
 
 def check_patch_fits(patch_size: Sequence[int], spatial_shape: Sequence[int], where: str) -> None:

@@ -6,7 +6,6 @@ ends, int64) in its meta, and a trace entry so that :meth:`inverse` puts it back
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,6 +15,7 @@ from monai.utils import TransformBackends
 
 from .._checks import (
     check_label_probabilities,
+    check_padding_mode,
     check_patch_fits,
     check_patch_overlap,
     check_positive_int,
@@ -27,12 +27,6 @@ from ..sampling import label_classes, label_starts, uniform_starts, weighted_sta
 from .functional import crop_patches, restore_patch, spatial_shape_of
 
 __all__ = ["GridSampler", "LabelSampler", "PatchCropper", "UniformSampler", "WeightedSampler"]
-
-_PAD_MODES = frozenset(
-    {"constant", "edge", "empty", "linear_ramp", "maximum", "mean", "median", "minimum", "reflect",
-     "replicate", "circular", "symmetric", "wrap"}
-)  # fmt: skip
-
 
 class PatchCropper(InvertibleTransform, MultiSampleTrait):
     """Crop patches at given locations and put them back; the shared base of the samplers.
@@ -228,17 +222,6 @@ class LabelSampler(Randomizable, PatchCropper):
         return self._crop_at_locations(img)
 
 
-def _check_padding_mode(padding_mode: object) -> str | float | None:
-    if padding_mode is None or (isinstance(padding_mode, str) and padding_mode in _PAD_MODES):
-        return padding_mode
-    if isinstance(padding_mode, numbers.Real) and not isinstance(padding_mode, bool):
-        return float(padding_mode)
-    raise ValueError(
-        f"`padding_mode` should be None, a number (constant padding) or one of {sorted(_PAD_MODES)}, "
-        f"but got padding_mode={padding_mode!r}"
-    )
-
-
 class GridSampler(PatchCropper):
     """Split an image into a grid of patches covering every voxel, in lexicographic order of location.
 
@@ -281,7 +264,7 @@ class GridSampler(PatchCropper):
             expand_to_spatial_dims(self.patch_overlap, ndim, "patch_overlap"),
             expand_to_spatial_dims(self.patch_size, ndim, "patch_size"),
         )
-        self.padding_mode = _check_padding_mode(padding_mode)
+        self.padding_mode = check_padding_mode(padding_mode)
         self.spatial_shape = None if spatial_shape is None else spatial_sizes(spatial_shape, "spatial_shape")
         self.padder: BorderPad | None = None
         if self.padding_mode is not None:
