@@ -83,9 +83,7 @@ def expand_to_spatial_dims(sizes: tuple[int, ...], ndim: int, name: str) -> tupl
     if len(sizes) == 1:
         return sizes * ndim
     if len(sizes) != ndim:
-        raise ValueError(
-            f"`{name}` {tuple(sizes)} has {len(sizes)} values but the image has {ndim} spatial dims"
-        )
+        raise ValueError(f"`{name}` {tuple(sizes)} has {len(sizes)} values but the image has {ndim} spatial dims")
     return sizes
 
 
@@ -151,9 +149,7 @@ def check_label_probabilities(value: object) -> dict[int, float] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping) or not value:
-        raise TypeError(
-            f"`label_probabilities` should be a non-empty mapping of class to weight, but got {value!r}"
-        )
+        raise TypeError(f"`label_probabilities` should be a non-empty mapping of class to weight, but got {value!r}")
     parsed: dict[int, float] = {}
     for key, weight in value.items():
         try:

@@ -62,9 +62,7 @@ def grid_starts(size: int, patch: int, overlap: int) -> list[int]:
     return starts
 
 
-def grid_locations(
-    spatial_shape: Sequence[int], patch_size: Sequence[int], patch_overlap: Sequence[int]
-) -> np.ndarray:
+def grid_locations(spatial_shape: Sequence[int], patch_size: Sequence[int], patch_overlap: Sequence[int]) -> np.ndarray:
     """Return the locations of a grid of patches covering the whole image, in lexicographic order.
 
     Args:

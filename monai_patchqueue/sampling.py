@@ -58,9 +58,9 @@ def _valid_centres(volume: torch.Tensor, patch_size: Sequence[int]) -> torch.Ten
 def _row_sums(weights: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Return the sums of ``weights`` over its last axis, by the fastest exact-enough route for its dtype.
 
-    Bool masks (tensors or NumPy arrays) are counted by NumPy (an order of magnitude faster than torch's bool reductions); floats are
-    summed in their own precision (a row is short) and redone in float64 only if that overflowed. A row of
-    zeros always sums to exactly zero, so it is never drawn.
+    Bool masks (tensors or NumPy arrays) are counted by NumPy, an order of magnitude faster than torch's bool
+    reductions; floats are summed in their own precision (a row is short) and redone in float64 only if that
+    overflowed. A row of zeros always sums to exactly zero, so it is never drawn.
     """
     if isinstance(weights, np.ndarray) or weights.dtype == torch.bool:
         return torch.from_numpy(np.asarray(np.count_nonzero(np.asarray(weights), axis=-1)))
@@ -81,7 +81,7 @@ def _inverse_cdf(cdf: torch.Tensor, uniforms: np.ndarray) -> torch.Tensor:
     The target ``u * total`` is kept strictly below the total, so the index always has a positive weight.
     """
     totals = cdf[..., -1:]
-    targets = torch.as_tensor(uniforms, dtype=torch.float64).reshape(totals.shape[:-1] + (-1,)) * totals
+    targets = torch.as_tensor(uniforms, dtype=torch.float64).reshape((*totals.shape[:-1], -1)) * totals
     targets = torch.minimum(targets, torch.nextafter(totals, torch.zeros_like(totals)))
     return torch.searchsorted(cdf, targets, right=True)
 

@@ -56,13 +56,15 @@ def test_expand_broadcasts_and_checks_dims():
 def test_positive_int_names_value(value):
     with pytest.raises(ValueError, match=rf"num_samples={value}"):
         check_positive_int(value, "num_samples")
-    with pytest.raises(TypeError, match="num_samples=1.0"):
+    with pytest.raises(TypeError, match=r"num_samples=1\.0"):
         check_positive_int(1.0, "num_samples")
 
 
 def test_patch_fits_suggests_padding():
     check_patch_fits((4, 4), (4, 5), "key 'image'")
-    with pytest.raises(ValueError, match=r"\(96, 96, 96\) exceeds the spatial shape \(80, 96, 96\) of key 'image'.*pad"):
+    with pytest.raises(
+        ValueError, match=r"\(96, 96, 96\) exceeds the spatial shape \(80, 96, 96\) of key 'image'.*pad"
+    ):
         check_patch_fits((96, 96, 96), (80, 96, 96), "key 'image'")
 
 

@@ -115,9 +115,7 @@ def test_weighted_sampler_detects_a_wrong_distribution():
     assert _chi_square_p(counts, expected) < P_THRESHOLD
 
 
-@pytest.mark.parametrize(
-    "value, message", [(-1.0, "non-negative"), (float("nan"), "NaN"), (float("inf"), "finite")]
-)
+@pytest.mark.parametrize("value, message", [(-1.0, "non-negative"), (float("nan"), "NaN"), (float("inf"), "finite")])
 def test_weighted_rejects_invalid_values(value, message):
     weights = torch.ones(6, 6)
     weights[0, 0] = value  # even on the border, where no centre can fall

@@ -24,7 +24,7 @@ def _samplers(patch_size, num_samples=4):
 
 def _region(location):
     half = len(location) // 2
-    return (slice(None),) + tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:]))
+    return (slice(None), *tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:])))
 
 
 @pytest.mark.parametrize("name", ["uniform", "weighted", "label", "grid"])
@@ -51,7 +51,7 @@ def test_patch_affine_maps_patch_voxels_to_their_source_world_points(volume, nam
     for patch in sampler(image, *extra(volume)):
         start = patch.meta["location"][:3].double()
         for voxel in ([0, 0, 0], [5, 4, 3], [2, 1, 3]):
-            voxel = torch.tensor(voxel + [1], dtype=torch.float64)
+            voxel = torch.tensor([*voxel, 1], dtype=torch.float64)
             source = torch.cat([voxel[:3] + start, torch.ones(1, dtype=torch.float64)])
             torch.testing.assert_close(patch.affine @ voxel, image.affine @ source)
         # Spacing and direction unchanged.
@@ -167,7 +167,9 @@ def test_plain_tensors_and_arrays_are_accepted():
     array = np.random.RandomState(0).rand(1, 10, 10, 10).astype(np.float32)
     patch = UniformSampler(4)(array)[0]
     assert isinstance(patch, MetaTensor)
-    np.testing.assert_array_equal(patch.numpy(), array[(slice(None), *(slice(int(s), int(s) + 4) for s in patch.meta["location"][:3]))])
+    np.testing.assert_array_equal(
+        patch.numpy(), array[(slice(None), *(slice(int(s), int(s) + 4) for s in patch.meta["location"][:3]))]
+    )
 
 
 def test_label_sampler_centres_lie_on_requested_classes(volume):
@@ -186,7 +188,11 @@ def test_label_sampler_centres_lie_on_requested_classes(volume):
         (lambda: LabelSampler(4, label_probabilities={"x": 1}), ValueError, "key 'x'"),
         (lambda: GridSampler(4, patch_overlap=3), ValueError, "even"),
         (lambda: GridSampler(4, patch_overlap=4), ValueError, "smaller"),
-        (lambda: GridSampler((4, 4), patch_overlap=(2, 2, 2)), ValueError, "`patch_overlap` .* has 3 values but `patch_size`"),
+        (
+            lambda: GridSampler((4, 4), patch_overlap=(2, 2, 2)),
+            ValueError,
+            "`patch_overlap` .* has 3 values but `patch_size`",
+        ),
     ],
 )
 def test_bad_arguments_fail_at_construction(make, error, message):

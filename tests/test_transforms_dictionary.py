@@ -28,7 +28,7 @@ def _all_samplers():
 
 def _region(location):
     half = len(location) // 2
-    return (slice(None),) + tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:]))
+    return (slice(None), *tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:])))
 
 
 @pytest.mark.parametrize("sampler", _all_samplers(), ids=lambda s: type(s).__name__)

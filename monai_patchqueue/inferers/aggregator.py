@@ -76,7 +76,8 @@ class GridAggregator:
         >>> image = torch.arange(64.0).reshape(1, 8, 8)
         >>> patches = GridSamplerd("image", 4, patch_overlap=2)({"image": image})
         >>> aggregator = GridAggregator((8, 8), 4, patch_overlap=2, overlap_mode="hann")
-        >>> aggregator.add_batch(torch.stack([p["image"] for p in patches]), torch.stack([p["location"] for p in patches]))
+        >>> outputs = torch.stack([p["image"] for p in patches])  # an identity "network"
+        >>> aggregator.add_batch(outputs, torch.stack([p["location"] for p in patches]))
         >>> torch.allclose(aggregator.get_output_tensor(), image)
         True
     """
@@ -123,7 +124,7 @@ class GridAggregator:
     def _downsampling_factor(self, output_patch: Sequence[int]) -> tuple[int, ...]:
         factor = tuple(p // o if o and p % o == 0 else 0 for p, o in zip(self.patch_size, output_patch))
         sizes = (*self.padded_shape, *self.padding, *(o // 2 for o in self.patch_overlap))
-        divisible = all(f and all(s % f == 0 for s in sizes[i::len(factor)]) for i, f in enumerate(factor))
+        divisible = all(f and all(s % f == 0 for s in sizes[i :: len(factor)]) for i, f in enumerate(factor))
         if len(output_patch) != len(self.patch_size) or not divisible:
             raise ValueError(
                 f"the network output patch {tuple(output_patch)} should be the patch {self.patch_size} divided by "

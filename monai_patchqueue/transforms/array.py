@@ -7,6 +7,7 @@ ends, int64) in its meta, and a trace entry so that :meth:`inverse` puts it back
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from .functional import crop_patches, restore_patch, spatial_shape_of
 
 __all__ = ["GridSampler", "LabelSampler", "PatchCropper", "UniformSampler", "WeightedSampler"]
 
+
 class PatchCropper(InvertibleTransform, MultiSampleTrait):
     """Crop patches at given locations and put them back; the shared base of the samplers.
 
@@ -35,7 +37,7 @@ class PatchCropper(InvertibleTransform, MultiSampleTrait):
         patch_size: an int for every spatial dim, or one int per spatial dim (2 or 3).
     """
 
-    backend = [TransformBackends.TORCH]
+    backend: ClassVar[list[TransformBackends]] = [TransformBackends.TORCH]
 
     def __init__(self, patch_size: int | Sequence[int]) -> None:
         self.patch_size = spatial_sizes(patch_size, "patch_size")
@@ -141,9 +143,7 @@ class WeightedSampler(Randomizable, PatchCropper):
         PatchCropper.__init__(self, patch_size)
         self.num_samples = check_positive_int(num_samples, "num_samples")
 
-    def randomize(
-        self, probability_map: torch.Tensor | np.ndarray, *, name: str = "probability_map"
-    ) -> np.ndarray:
+    def randomize(self, probability_map: torch.Tensor | np.ndarray, *, name: str = "probability_map") -> np.ndarray:
         """Draw and return ``(num_samples, 2n)`` locations from a ``(1, *spatial)`` probability map."""
         weights = _single_channel_map(probability_map, name)
         patch_size = self.spatial_patch_size(tuple(weights.shape), f"`{name}`")

@@ -60,7 +60,7 @@ def shifted_affine(affine: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
 
 def _slices(location: Sequence[int]) -> tuple[slice, ...]:
     half = len(location) // 2
-    return (slice(None),) + tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:]))
+    return (slice(None), *tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:])))
 
 
 def shifted_affines(affine: torch.Tensor, starts: np.ndarray) -> torch.Tensor:
