@@ -142,7 +142,9 @@ class GridAggregator:
             dtype = dtype if dtype.is_floating_point else torch.float32
             self._weights = torch.zeros((1, *shape), dtype=torch.float32, device=device)
             self._window = blend_window(self.overlap_mode, outputs.shape[2:], device=device)
-        self._output = torch.zeros((outputs.shape[1], *shape), dtype=dtype, device=device)
+        # Crop mode writes every voxel exactly (get_output_tensor checks that every patch was added): no zeroing.
+        allocate = torch.empty if self.overlap_mode == "crop" else torch.zeros
+        self._output = allocate((outputs.shape[1], *shape), dtype=dtype, device=device)
 
     def _crop_margins(self, start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return how much to trim at the start and the end of a patch in crop mode (input resolution)."""

@@ -102,7 +102,8 @@ class GridInferer(Inferer):
         results = [self._infer_volume(inputs[index], network, args, kwargs) for index in range(inputs.shape[0])]
         leaves_per_item = [_flatten(result)[0] for result in results]
         rebuild = _flatten(results[0])[1]
-        stacked = [torch.stack(leaves) for leaves in zip(*leaves_per_item)]
+        # One item (the usual evaluation batch) needs no copy of the whole output.
+        stacked = [leaves[0][None] if len(leaves) == 1 else torch.stack(leaves) for leaves in zip(*leaves_per_item)]
         return rebuild([self._with_input_meta(leaf, inputs) for leaf in stacked])
 
     def _batches(self, locations: np.ndarray):
