@@ -13,6 +13,7 @@ from monai.utils import convert_to_dst_type
 
 from .._checks import check_bool, check_positive_int
 from ..transforms.array import GridSampler
+from ..transforms.functional import location_slices
 from .aggregator import OVERLAP_MODES, GridAggregator
 
 __all__ = ["GridInferer"]
@@ -121,13 +122,10 @@ class GridInferer(Inferer):
         locations = self.sampler.grid(spatial_shape, where="the input")
         padded = self.sampler.pad(image)
         padded = padded.as_tensor() if isinstance(padded, MetaTensor) else padded
-        half = locations.shape[1] // 2
         aggregators: list[GridAggregator] | None = None
         rebuild = None
         for batch in self._batches(locations):
-            patches = torch.stack(
-                [padded[(slice(None), *(slice(s, e) for s, e in zip(row[:half], row[half:])))] for row in batch]
-            )
+            patches = torch.stack([padded[location_slices(location)] for location in batch])
             if self.sw_device is not None:
                 patches = patches.to(self.sw_device)
             leaves, rebuild = _flatten(network(patches, *args, **kwargs))

@@ -17,6 +17,7 @@ from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 __all__ = [
     "LOCATION",
     "crop_patches",
+    "location_slices",
     "new_metatensor",
     "restore_patch",
     "shifted_affine",
@@ -49,16 +50,11 @@ def shifted_affine(affine: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
         >>> shifted_affine(torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])), (1, 2, 3))[:3, 3]
         tensor([2., 4., 6.], dtype=torch.float64)
     """
-    affine = torch.as_tensor(affine, dtype=torch.float64)
-    rank = affine.shape[-1] - 1
-    used = min(len(start), rank)
-    shift = torch.tensor([float(s) for s in start[:used]], dtype=torch.float64)
-    out = affine.clone()
-    out[:rank, rank] += affine[:rank, :used] @ shift
-    return out
+    return shifted_affines(affine, np.asarray([start], dtype=np.int64).reshape(1, -1))[0]
 
 
-def _slices(location: Sequence[int]) -> tuple[slice, ...]:
+def location_slices(location: Sequence[int]) -> tuple[slice, ...]:
+    """Return the slices ``(:, s0:e0, s1:e1, ...)`` that crop a channel-first image at ``location``."""
     half = len(location) // 2
     return (slice(None), *tuple(slice(int(s), int(e)) for s, e in zip(location[:half], location[half:])))
 
@@ -131,7 +127,7 @@ def crop_patches(
         tensor([1, 1, 3, 3])
     """
     data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
-    crops = [data[_slices(location)].clone(memory_format=torch.contiguous_format) for location in locations]
+    crops = [data[location_slices(location)].clone(memory_format=torch.contiguous_format) for location in locations]
     if not get_track_meta():
         return crops
     if isinstance(img, MetaTensor):
@@ -175,7 +171,7 @@ def restore_patch(patch: torch.Tensor, transform: dict) -> MetaTensor:
         )
     data = patch.as_tensor() if isinstance(patch, MetaTensor) else torch.as_tensor(patch)
     volume = torch.zeros((data.shape[0], *original_shape), dtype=data.dtype, device=data.device)
-    volume[_slices(location)] = data
+    volume[location_slices(location)] = data
     if not isinstance(patch, MetaTensor):
         return MetaTensor(volume)
     meta = _meta_copy(patch.meta)
