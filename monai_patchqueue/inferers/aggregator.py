@@ -24,9 +24,16 @@ from .._checks import (
 )
 from ..locations import grid_locations
 
-__all__ = ["OVERLAP_MODES", "GridAggregator", "blend_window", "hann_window"]
+__all__ = ["OVERLAP_MODES", "GridAggregator", "blend_window", "check_overlap_mode", "hann_window"]
 
 OVERLAP_MODES = ("crop", "average", "hann", "gaussian")
+
+
+def check_overlap_mode(overlap_mode: object) -> str:
+    """Return ``overlap_mode`` if it is one of :data:`OVERLAP_MODES`, or raise a ValueError naming it."""
+    if overlap_mode not in OVERLAP_MODES:
+        raise ValueError(f"`overlap_mode` should be one of {list(OVERLAP_MODES)}, but got {overlap_mode!r}")
+    return overlap_mode
 
 
 def hann_window(shape: Sequence[int], *, device: torch.device | str | None = None) -> torch.Tensor:
@@ -101,9 +108,7 @@ class GridAggregator:
         overlap = spatial_sizes(patch_overlap, "patch_overlap", minimum=0)
         self.patch_overlap = expand_to_spatial_dims(overlap, ndim, "patch_overlap")
         check_patch_overlap(self.patch_overlap, self.patch_size)
-        if overlap_mode not in OVERLAP_MODES:
-            raise ValueError(f"`overlap_mode` should be one of {list(OVERLAP_MODES)}, but got {overlap_mode!r}")
-        self.overlap_mode = overlap_mode
+        self.overlap_mode = check_overlap_mode(overlap_mode)
         self.padded = check_padding_mode(padding_mode) is not None
         self.padding = tuple(o // 2 for o in self.patch_overlap) if self.padded else (0,) * ndim
         self.padded_shape = tuple(n + 2 * p for n, p in zip(self.spatial_shape, self.padding))

@@ -14,7 +14,7 @@ from monai.utils import convert_to_dst_type
 from .._checks import check_bool, check_positive_int
 from ..transforms.array import GridSampler
 from ..transforms.functional import location_slices
-from .aggregator import OVERLAP_MODES, GridAggregator
+from .aggregator import GridAggregator, check_overlap_mode
 
 __all__ = ["GridInferer"]
 
@@ -87,9 +87,7 @@ class GridInferer(Inferer):
     ) -> None:
         super().__init__()
         self.sampler = GridSampler(patch_size, patch_overlap, padding_mode)
-        if overlap_mode not in OVERLAP_MODES:
-            raise ValueError(f"`overlap_mode` should be one of {list(OVERLAP_MODES)}, but got {overlap_mode!r}")
-        self.overlap_mode = overlap_mode
+        self.overlap_mode = check_overlap_mode(overlap_mode)
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.sw_device = None if sw_device is None else torch.device(sw_device)
         self.device = None if device is None else torch.device(device)
@@ -101,8 +99,9 @@ class GridInferer(Inferer):
             shape = tuple(inputs.shape) if hasattr(inputs, "shape") else type(inputs).__name__
             raise ValueError(f"`inputs` should be a (B, C, H, W[, D]) tensor, but got {shape}")
         results = [self._infer_volume(inputs[index], network, args, kwargs) for index in range(inputs.shape[0])]
-        leaves_per_item = [_flatten(result)[0] for result in results]
-        rebuild = _flatten(results[0])[1]
+        flattened = [_flatten(result) for result in results]
+        leaves_per_item = [leaves for leaves, _ in flattened]
+        rebuild = flattened[0][1]
         # One item (the usual evaluation batch) needs no copy of the whole output.
         stacked = [leaves[0][None] if len(leaves) == 1 else torch.stack(leaves) for leaves in zip(*leaves_per_item)]
         return rebuild([self._with_input_meta(leaf, inputs) for leaf in stacked])

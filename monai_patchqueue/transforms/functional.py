@@ -140,7 +140,7 @@ def crop_patches(
     patches = []
     for crop, location, patch_affine in zip(crops, locations, affines):
         patch_meta = _meta_copy(meta)
-        patch_meta[MetaKeys.AFFINE] = patch_affine
+        patch_meta[MetaKeys.AFFINE] = patch_affine.clone()  # its own storage, not a view of the batch
         patch_meta[LOCATION] = torch.as_tensor(location, dtype=torch.int64)
         patch_operations = copy.deepcopy(operations) if operations else []
         if trace is not None:
