@@ -1,5 +1,6 @@
 """monai_patchqueue: TorchIO-style patch samplers, patch queue and grid inference, natively in MONAI."""
 
+from .data import PatchQueueDataset, SubjectError
 from .datasets import example_brain
 from .inferers import GridAggregator, GridInferer
 from .transforms import (
@@ -24,6 +25,8 @@ __all__ = [
     "GridSamplerd",
     "LabelSampler",
     "LabelSamplerd",
+    "PatchQueueDataset",
+    "SubjectError",
     "UniformSampler",
     "UniformSamplerd",
     "WeightedSampler",

@@ -1,0 +1,206 @@
+"""Patch throughput of PatchQueueDataset against TorchIO's Queue and MONAI's Dataset + multi-sample crop, in one run.
+
+Generated data: 12 subjects of 192 x 192 x 160 float32 images with 3-class uint8 labels, saved once as .nii.gz
+and as .nii; patch 64^3, 16 patches per subject, buffer of 64 patches, batches of 8, 2 workers. Each contender
+is built, runs one warm-up epoch, then EPOCHS timed epochs back to back (epoch boundaries and refills included),
+and is closed; the contenders take turns, round after round. The load-bound ceiling is 16 patches x 2 workers /
+(time to load one subject in this process), measured in the same run.
+
+    python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0]   # writes benchmarks/results/queue*.md
+
+With ``--step-ms 50`` the consumer sleeps 50 ms per batch (a simulated training step) and the table reports the
+fraction of the epoch's wall time the consumer spent waiting for data after its first batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torchio as tio
+from monai.data import DataLoader as MonaiDataLoader
+from monai.data import Dataset
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandCropByLabelClassesd, RandSpatialCropSamplesd
+from torch.nn.functional import interpolate
+from torch.utils.data import DataLoader
+
+from monai_patchqueue import LabelSamplerd, PatchQueueDataset, UniformSamplerd
+
+SHAPE = (192, 192, 160)
+SUBJECTS = 12
+PATCH = 64
+SAMPLES_PER_VOLUME = 16
+MAX_LENGTH = 64
+BATCH = 8
+WORKERS = 2
+KEYS = ["image", "label"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_subjects(folder: Path, suffix: str) -> list[dict]:
+    """Write (once) and return the datalist of smooth synthetic images with 3-class labels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    datalist = []
+    for index in range(SUBJECTS):
+        image_path, label_path = folder / f"image_{index:02d}{suffix}", folder / f"label_{index:02d}{suffix}"
+        if not (image_path.exists() and label_path.exists()):
+            generator = torch.Generator().manual_seed(index)
+            coarse = torch.rand(1, 1, 12, 12, 10, generator=generator)
+            smooth = interpolate(coarse, size=SHAPE, mode="trilinear", align_corners=False)[0, 0]
+            image = smooth + 0.05 * torch.randn(SHAPE, generator=generator)
+            label = torch.bucketize(smooth, torch.tensor([0.4, 0.6])).to(torch.uint8)
+            affine = np.diag([1.0, 1.0, 1.2, 1.0])
+            nib.save(nib.Nifti1Image(image.numpy().astype(np.float32), affine), image_path)
+            nib.save(nib.Nifti1Image(label.numpy(), affine), label_path)
+        datalist.append({"image": str(image_path), "label": str(label_path)})
+    return datalist
+
+
+def loader_for(suffix: str) -> Compose:
+    """MONAI's fastest reader for the format here: ITK decompresses .nii.gz about 2x faster than nibabel."""
+    reader = "ITKReader" if suffix == ".nii.gz" else "NibabelReader"
+    return Compose([
+        LoadImaged("image", reader=reader, image_only=True),
+        LoadImaged("label", reader=reader, image_only=True, dtype=np.uint8),
+        EnsureChannelFirstd(KEYS),
+    ])  # fmt: skip
+
+
+EPOCHS = 2
+
+
+def ours(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
+    if sampler == "label":
+        classes = {0: 1, 1: 1, 2: 1}
+        patch_sampler = LabelSamplerd(KEYS, PATCH, "label", SAMPLES_PER_VOLUME, label_probabilities=classes)
+    else:
+        patch_sampler = UniformSamplerd(KEYS, PATCH, num_samples=SAMPLES_PER_VOLUME)
+    queue = PatchQueueDataset(
+        datalist, patch_sampler, MAX_LENGTH, SAMPLES_PER_VOLUME, transform=load, num_workers=WORKERS
+    )
+    return Contender(DataLoader(queue, batch_size=BATCH), queue.close)
+
+
+def torchio_queue(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
+    subjects = [tio.Subject(image=tio.ScalarImage(d["image"]), label=tio.LabelMap(d["label"])) for d in datalist]
+    if sampler == "label":
+        patch_sampler = tio.LabelSampler(PATCH, label_name="label", label_probabilities={0: 1, 1: 1, 2: 1})
+    else:
+        patch_sampler = tio.UniformSampler(PATCH)
+    queue = tio.Queue(tio.SubjectsDataset(subjects), MAX_LENGTH, SAMPLES_PER_VOLUME, patch_sampler, num_workers=WORKERS)
+    return Contender(DataLoader(queue, batch_size=BATCH))
+
+
+def monai_dataset(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
+    if sampler == "label":
+        crop = RandCropByLabelClassesd(KEYS, "label", PATCH, [1, 1, 1], num_classes=3, num_samples=SAMPLES_PER_VOLUME)
+    else:
+        crop = RandSpatialCropSamplesd(KEYS, PATCH, num_samples=SAMPLES_PER_VOLUME, random_size=False)
+    dataset = Dataset(datalist, Compose([load, crop]))
+    loader = MonaiDataLoader(dataset, batch_size=BATCH // SAMPLES_PER_VOLUME or 1, shuffle=True, num_workers=WORKERS)
+    return Contender(loader)
+
+
+class Contender:
+    """A loader of patch batches and how to release its workers."""
+
+    def __init__(self, loader: Iterable, close: Callable[[], None] | None = None) -> None:
+        self.loader = loader
+        self.close = close or (lambda: None)
+
+
+def epochs(contender: Contender, step_s: float) -> tuple[int, float, float]:
+    """Run one warm-up epoch, then return patches, wall seconds and seconds waited after each epoch's first batch."""
+    consume(contender.loader, step_s)
+    patches, waited, start = 0, 0.0, time.perf_counter()
+    for _ in range(EPOCHS):
+        epoch_patches, epoch_waited = consume(contender.loader, step_s)
+        patches, waited = patches + epoch_patches, waited + epoch_waited
+    wall = time.perf_counter() - start
+    contender.close()
+    return patches, wall, waited
+
+
+def consume(loader: Iterable, step_s: float) -> tuple[int, float]:
+    patches, waited, iterator = 0, 0.0, iter(loader)
+    while True:
+        asked = time.perf_counter()
+        batch = next(iterator, None)
+        if batch is None:
+            return patches, waited
+        if patches:
+            waited += time.perf_counter() - asked
+        size = len(batch["location"]) if "location" in batch else len(batch["image"])
+        patches += size
+        time.sleep(step_s * size / BATCH)
+
+
+def load_seconds(datalist: list[dict], load: Compose) -> float:
+    times = []
+    for entry in datalist[:4]:
+        start = time.perf_counter()
+        load(dict(entry))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-ms", type=float, default=0.0)
+    parser.add_argument("--data", type=Path, default=RESULTS / "queue_data")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    contenders = {"monai_patchqueue": ours, "TorchIO Queue": torchio_queue, "MONAI Dataset + crop": monai_dataset}
+    rows = []
+    for suffix in (".nii.gz", ".nii"):
+        datalist, load = make_subjects(args.data, suffix), loader_for(suffix)
+        for sampler in ("label", "uniform"):
+            rates: dict[str, list[float]] = {name: [] for name in contenders}
+            waits: dict[str, list[float]] = {name: [] for name in contenders}
+            ceilings = []
+            for _ in range(args.repeats):
+                ceilings.append(SAMPLES_PER_VOLUME * WORKERS / load_seconds(datalist, load))
+                for name, make in contenders.items():
+                    patches, wall, waited = epochs(make(datalist, sampler, load), args.step_ms / 1000)
+                    assert patches == EPOCHS * SUBJECTS * SAMPLES_PER_VOLUME, (name, patches)
+                    rates[name].append(patches / wall)
+                    waits[name].append(waited / wall)
+            row = {"format": suffix, "sampler": sampler, "ceiling": statistics.median(ceilings)}
+            row.update({name: (statistics.median(rates[name]), statistics.median(waits[name])) for name in contenders})
+            rows.append(row)
+            print(row, flush=True)
+    write_table(rows, list(contenders), args)
+
+
+def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) -> None:
+    lines = [
+        f"patches/s over {EPOCHS} epochs after a warm-up, median of {args.repeats} rounds; "
+        f"simulated step {args.step_ms:g} ms per batch of {BATCH}",
+        "",
+        "| data | sampler | load-bound ceiling | monai_patchqueue | TorchIO Queue | MONAI Dataset + crop "
+        "| vs TorchIO | vs ceiling | wait after 1st batch (ours / TorchIO / MONAI) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        (ours_rate, ours_wait), (tio_rate, tio_wait), (monai_rate, monai_wait) = (row[n] for n in names)
+        lines.append(
+            f"| {row['format']} | {row['sampler']} | {row['ceiling']:.0f} | {ours_rate:.0f} | {tio_rate:.0f} "
+            f"| {monai_rate:.0f} | {ours_rate / tio_rate:.2f}x | {ours_rate / row['ceiling']:.0%} "
+            f"| {ours_wait:.1%} / {tio_wait:.1%} / {monai_wait:.1%} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = f"_step{args.step_ms:g}ms" if args.step_ms else ""
+    (RESULTS / f"queue{suffix}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

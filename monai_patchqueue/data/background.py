@@ -1,0 +1,129 @@
+"""Run subject tasks ahead of the consumer, in worker processes, across epoch boundaries.
+
+A ``torch.utils.data.DataLoader`` over :class:`SubjectPatches` is the worker pool: it returns results in task
+order, bounds the work in flight (``prefetch_factor`` tasks per worker), re-raises worker exceptions in the
+calling process, notices workers killed by a signal, and shuts its processes down when closed or collected.
+Its index sampler is an endless stream of tasks, epoch after epoch, so the workers keep preparing the next
+epoch's first subjects while the current epoch's last patches are consumed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader
+
+from .planner import EpochPlanner
+from .schedule import SubjectTask
+from .subject_patches import SubjectPatches
+from .transport import PatchPack
+
+__all__ = ["BackgroundTasks"]
+
+PREFETCH_PER_WORKER = 2
+
+
+def _unchanged(result):
+    return result
+
+
+class _PackedWork(torch.utils.data.Dataset):
+    """Runs the work in a worker process and packs the patches for the trip back (see :mod:`.transport`)."""
+
+    def __init__(self, work: SubjectPatches) -> None:
+        self.work = work
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, PatchPack]:
+        task, patches = self.work[task]
+        return task, PatchPack(patches)
+
+
+def _unpacked(results: Iterator) -> Iterator[tuple[SubjectTask, list[dict]]]:
+    for task, pack in results:
+        yield task, pack.unpack()
+
+
+class _TaskStream:
+    """Endless iterable of tasks: epoch ``first_epoch``'s plan, then the next epoch's, and so on."""
+
+    def __init__(self, planner: EpochPlanner) -> None:
+        self.planner = planner
+        self.first_epoch = 0
+
+    def __iter__(self) -> Iterator[SubjectTask]:
+        epoch = self.first_epoch
+        while True:
+            yield from self.planner.tasks(epoch)
+            epoch += 1
+
+
+class BackgroundTasks:
+    """Results of the planned tasks, in plan order, computed by ``num_workers`` processes (0: on demand).
+
+    Example:
+        >>> import torch
+        >>> from monai_patchqueue import UniformSamplerd
+        >>> work = SubjectPatches([{"image": torch.zeros(1, 8, 8, 8)}] * 2, UniformSamplerd("image", 4))
+        >>> background = BackgroundTasks(work, EpochPlanner([3, 3], seed=0, shuffle_subjects=False), num_workers=0)
+        >>> results = background.results(epoch=0)
+        >>> [len(next(results)[1]) for _ in range(2)]
+        [3, 3]
+        >>> background.close()
+    """
+
+    def __init__(self, work: SubjectPatches, planner: EpochPlanner, num_workers: int) -> None:
+        self.planner = planner
+        self.num_workers = num_workers
+        self._stream = _TaskStream(planner)
+        self._loader = DataLoader(
+            _PackedWork(work) if num_workers > 0 else work,
+            batch_size=None,
+            sampler=self._stream,
+            num_workers=num_workers,
+            collate_fn=_unchanged,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=PREFETCH_PER_WORKER if num_workers > 0 else None,
+        )
+        self._iterator: Iterator | None = None
+        self._next: tuple | None = None
+
+    def start(self, epoch: int) -> None:
+        """Have the workers work on ``epoch`` from its start, keeping work already started for it."""
+        position = (epoch, self.planner.rank_and_size())
+        if self._iterator is None or self._next != position:
+            self._stream.first_epoch = epoch
+            self._iterator = iter(self._loader)
+        self._next = position
+
+    def results(self, epoch: int) -> Iterator[tuple[SubjectTask, list[dict]]]:
+        """Return the iterator of ``(task, patches)`` positioned at the start of ``epoch``.
+
+        Work already started for that epoch is kept; anything else in flight is discarded.
+        """
+        self.start(epoch)
+        self._next = None
+        return _unpacked(self._iterator) if self.num_workers > 0 else self._iterator
+
+    def finished(self, epoch: int) -> None:
+        """Record that every task of ``epoch`` was consumed, so the next epoch's work in flight is kept."""
+        self._next = (epoch + 1, self.planner.rank_and_size())
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        iterator, self._iterator = self._iterator, None
+        self._next = None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        if self._loader is not None:
+            self._loader._iterator = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live workers (empty before the first epoch starts or with ``num_workers=0``)."""
+        workers = getattr(self._iterator, "_workers", [])
+        return [worker.pid for worker in workers if worker.is_alive()]

@@ -1,0 +1,357 @@
+"""PatchQueueDataset: shuffled patches from many subjects, prepared in the background, for a plain DataLoader."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .._checks import check_bool, check_positive_int
+from .background import PREFETCH_PER_WORKER, BackgroundTasks
+from .buffer import PatchBuffer
+from .planner import EpochPlanner
+from .schedule import SubjectTask, epoch_generator
+from .subject_patches import SubjectError, SubjectPatches, describe_subject, patch_nbytes, raw_entries
+
+__all__ = ["EpochStatistics", "PatchQueueDataset"]
+
+logger = logging.getLogger(__name__)
+
+_BUFFER_STREAM = 3
+
+
+@dataclass
+class EpochStatistics:
+    """What the last epoch cost: patches served, seconds waiting for background work, seconds in total."""
+
+    epoch: int = -1
+    patches: int = 0
+    wait_s: float = 0.0
+    elapsed_s: float = 0.0
+
+
+class PatchQueueDataset(IterableDataset):
+    """Serve shuffled patches from many subjects, loaded, transformed and sampled in background workers.
+
+    Each epoch visits every subject (of this rank) once: ``num_workers`` processes load it from ``data``,
+    apply ``transform``, cut ``samples_per_volume`` patches with ``sampler`` (a subject's ``num_samples``
+    entry overrides the count) and apply ``patch_transform`` to each; only the patches return to this
+    process. They enter a buffer of at most ``max_length`` patches, from which patches are popped at random
+    (``shuffle_patches``) so that a batch mixes subjects. A subject enters the buffer as soon as there is room
+    for all its patches, so the buffer is topped up while patches are consumed, and the workers keep
+    preparing the next subjects, into the next epoch, while the training loop runs.
+
+    The stream is reproducible: with ``seed`` (or :meth:`set_random_state`), which subject, which location and
+    which order depend only on the seed and the epoch, not on ``num_workers``. Each epoch draws afresh; the
+    epoch advances at every iteration and :meth:`set_epoch` positions it. Random transforms must draw from
+    their own ``R`` (all MONAI transforms do), which the queue seeds per subject.
+
+    Under DDP (``torch.distributed`` initialised, or a ``DistributedSampler`` as ``subject_sampler``) each
+    rank takes a disjoint share of the subjects and every rank yields the same number of patches.
+
+    Iterate it with ``DataLoader(queue, batch_size=B)`` and ``num_workers=0`` (the queue has its own workers;
+    a DataLoader worker raises at the first iteration rather than duplicate patches).
+
+    Args:
+        data: subject dicts: a MONAI datalist or a map-style dataset returning dicts (e.g. ``CacheDataset``).
+        sampler: transform that returns a list of patch dicts from a subject dict: ``UniformSamplerd``,
+            ``WeightedSamplerd``, ``LabelSamplerd`` or MONAI's ``RandSpatialCropSamplesd``,
+            ``RandWeightedCropd``, ``RandCropByLabelClassesd``, ``RandCropByPosNegLabeld``. Entries it does not
+            crop are left out of the patches (list every array you need in its ``keys``).
+        max_length: most patches held in the buffer (patches in flight add at most
+            ``2 * num_workers`` subjects' worth).
+        samples_per_volume: patches per subject and epoch, whatever the sampler's ``num_samples``.
+        transform: applied to each subject dict before sampling (loading, preprocessing, augmentation).
+        patch_transform: applied to each patch dict after sampling.
+        num_workers: background processes; 0 prepares subjects in the calling process when needed.
+        shuffle_subjects: visit subjects in a new order each epoch.
+        shuffle_patches: pop patches at random from the buffer; False serves them subject by subject.
+        subject_sampler: iterable of subject indices with optional ``set_epoch`` (e.g. ``DistributedSampler``).
+        start_background: start the workers on the first epoch now rather than at the first iteration.
+        seed: seed of the whole stream; None draws one from the operating system.
+        verbose: log fills and timings at INFO level (logger ``monai_patchqueue.data.queue``).
+
+    Raises:
+        ValueError: ``max_length`` smaller than a subject's patch count, non-positive sizes.
+        SubjectError: during iteration, when a subject fails; the message names the subject and its files.
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader
+        >>> from monai_patchqueue import PatchQueueDataset, UniformSamplerd
+        >>> data = [{"image": torch.rand(1, 8, 8, 8), "id": i} for i in range(3)]
+        >>> queue = PatchQueueDataset(data, UniformSamplerd("image", 4), max_length=6, samples_per_volume=2, seed=0)
+        >>> len(queue)
+        6
+        >>> batch = next(iter(DataLoader(queue, batch_size=4)))
+        >>> tuple(batch["image"].shape), tuple(batch["location"].shape)
+        ((4, 1, 4, 4, 4), (4, 6))
+        >>> queue.close()
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Mapping] | torch.utils.data.Dataset,
+        sampler: Callable,
+        max_length: int,
+        samples_per_volume: int,
+        *,
+        transform: Callable | None = None,
+        patch_transform: Callable | None = None,
+        num_workers: int = 0,
+        shuffle_subjects: bool = True,
+        shuffle_patches: bool = True,
+        subject_sampler: Iterable[int] | None = None,
+        start_background: bool = True,
+        seed: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.max_length = check_positive_int(max_length, "max_length")
+        self.samples_per_volume = check_positive_int(samples_per_volume, "samples_per_volume")
+        self.num_workers = _check_workers(num_workers)
+        self.shuffle_subjects = check_bool(shuffle_subjects, "shuffle_subjects")
+        self.shuffle_patches = check_bool(shuffle_patches, "shuffle_patches")
+        self.verbose = check_bool(verbose, "verbose")
+        for name, value in (("sampler", sampler), ("transform", transform), ("patch_transform", patch_transform)):
+            if value is not None and not callable(value):
+                raise TypeError(f"`{name}` should be a callable transform, but got {name}={value!r:.100}")
+        if sampler is None:
+            raise TypeError("`sampler` should be a transform returning a list of patch dicts, but got sampler=None")
+        self.data = data
+        self.counts = _subject_counts(data, self.samples_per_volume, self.max_length)
+        self.subject_sampler = subject_sampler
+        self.seed = _check_seed(seed)
+        self.statistics = EpochStatistics()
+        self._work = SubjectPatches(
+            data, copy.deepcopy(sampler), copy.deepcopy(transform), copy.deepcopy(patch_transform)
+        )
+        self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, subject_sampler)
+        self._epoch = 0
+        self._background: BackgroundTasks | None = None
+        self._buffered = 0
+        if check_bool(start_background, "start_background"):
+            self._start(self._epoch)
+
+    # --- the epoch -------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Patches in the current epoch of this rank."""
+        return sum(task.count for task in self._planner.tasks(self._epoch))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration serve epoch ``epoch`` (and pass it to ``subject_sampler``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"`epoch` should be a non-negative integer, but got epoch={epoch!r}")
+        self._epoch = int(epoch)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
+        """Reseed the whole stream from ``seed`` (or a seed drawn from ``state``); returns ``self``."""
+        if state is not None:
+            seed = int(state.randint(np.iinfo(np.int32).max))
+        self.seed = _check_seed(seed)
+        self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, self.subject_sampler)
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+        return self
+
+    def __iter__(self) -> Iterator[dict]:
+        _refuse_outer_workers(self.num_workers)
+        epoch = self._epoch
+        self._epoch += 1
+        background = self._start(epoch)
+        tasks = self._planner.tasks(epoch)
+        rank, _ = self._planner.rank_and_size()
+        rng = epoch_generator(self.seed, epoch, rank, stream=_BUFFER_STREAM) if self.shuffle_patches else None
+        yield from self._serve(epoch, tasks, background.results(epoch), PatchBuffer(rng))
+        background.finished(epoch)
+
+    def _serve(self, epoch: int, tasks: list[SubjectTask], results: Iterator, buffer: PatchBuffer) -> Iterator[dict]:
+        stats = EpochStatistics(epoch=epoch)
+        start = time.perf_counter()
+        admitted = 0
+        for _ in range(sum(task.count for task in tasks)):
+            while admitted < len(tasks) and (len(buffer) + tasks[admitted].count <= self.max_length or not len(buffer)):
+                waited = time.perf_counter()
+                patches = self._next_result(results, tasks[admitted])
+                stats.wait_s += time.perf_counter() - waited
+                buffer.extend(patches)
+                admitted += 1
+                self._log(
+                    "epoch %d: subject %d gave %d patches (%d buffered)",
+                    epoch,
+                    tasks[admitted - 1].subject,
+                    len(patches),
+                    len(buffer),
+                )
+            self._buffered = len(buffer) - 1
+            stats.patches += 1
+            yield buffer.pop()
+        stats.elapsed_s = time.perf_counter() - start
+        self.statistics = stats
+        self._log(
+            "epoch %d: %d patches in %.2f s, %.2f s waiting for workers",
+            epoch,
+            stats.patches,
+            stats.elapsed_s,
+            stats.wait_s,
+        )
+
+    def _next_result(self, results: Iterator, task: SubjectTask) -> list[dict]:
+        try:
+            done, patches = next(results)
+        except SubjectError:
+            raise
+        except Exception as error:
+            subject = describe_subject(self.data, task.subject)
+            raise RuntimeError(
+                f"PatchQueueDataset's background work failed while preparing {subject}: {type(error).__name__}: {error}"
+            ) from error
+        if (done.epoch, done.position) != (task.epoch, task.position):
+            raise RuntimeError(f"PatchQueueDataset received task {done} while expecting {task}; please report this")
+        if len(patches) != task.count:
+            raise RuntimeError(
+                f"{describe_subject(self.data, task.subject)} gave {len(patches)} patches, not {task.count}"
+            )
+        return patches
+
+    # --- background work -------------------------------------------------------------------------------------
+
+    def _start(self, epoch: int) -> BackgroundTasks:
+        if self._background is None:
+            self._background = BackgroundTasks(self._work, self._planner, self.num_workers)
+            if self.num_workers:
+                self._background.start(epoch)
+        return self._background
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the live background workers."""
+        return [] if self._background is None else self._background.worker_pids
+
+    def close(self) -> None:
+        """Stop the background workers; a later iteration starts them again."""
+        if self._background is not None:
+            self._background.close()
+            self._background = None
+
+    def __enter__(self) -> PatchQueueDataset:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        background = getattr(self, "_background", None)
+        if background is not None:
+            background.close()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_background"] = None
+        return state
+
+    # --- memory and reporting --------------------------------------------------------------------------------
+
+    @property
+    def max_patches_held(self) -> int:
+        """Most patches held at once: the buffer plus the subjects in flight."""
+        return self.max_length + PREFETCH_PER_WORKER * self.num_workers * max(self.counts)
+
+    def get_max_memory(self, subject: Mapping | None = None) -> int:
+        """Return the most bytes the patches held by the queue can occupy, from one real patch.
+
+        Args:
+            subject: a prepared subject dict to cut the patch from; None loads and transforms the first subject.
+        """
+        if subject is None:
+            work = SubjectPatches(self.data, copy.deepcopy(self._work.sampler), copy.deepcopy(self._work.transform))
+            subject_index = 0
+        else:
+            work = SubjectPatches([subject], copy.deepcopy(self._work.sampler))
+            subject_index = 0
+        _, patches = work[SubjectTask(epoch=0, position=0, subject=subject_index, count=1, seed=0)]
+        return patch_nbytes(patches[0]) * self.max_patches_held
+
+    def get_max_memory_pretty(self, subject: Mapping | None = None) -> str:
+        """Return :meth:`get_max_memory` in binary units, e.g. ``'1.50 GiB'``."""
+        return _pretty_bytes(self.get_max_memory(subject))
+
+    def _log(self, message: str, *args: Any) -> None:
+        if self.verbose:
+            logger.info(message, *args)
+
+    def __repr__(self) -> str:
+        running = self._background is not None and (self.num_workers == 0 or bool(self.worker_pids))
+        return (
+            f"{type(self).__name__}(subjects={len(self.counts)}, samples_per_volume={self.samples_per_volume}, "
+            f"max_length={self.max_length}, num_workers={self.num_workers}, epoch={self._epoch}, "
+            f"patches_per_epoch={len(self)}, buffered={self._buffered}, "
+            f"background={'running' if running else 'stopped'}, seed={self.seed})"
+        )
+
+
+def _pretty_bytes(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{size:.2f} TiB"  # pragma: no cover
+
+
+def _check_workers(num_workers: object) -> int:
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
+        raise ValueError(f"`num_workers` should be a non-negative integer, but got num_workers={num_workers!r}")
+    return int(num_workers)
+
+
+def _check_seed(seed: object) -> int:
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % 2**63)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` should be a non-negative integer or None, but got seed={seed!r}")
+    return int(seed)
+
+
+def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list[int]:
+    if samples_per_volume > max_length:
+        raise ValueError(
+            f"`max_length` should be at least `samples_per_volume`, but got max_length={max_length} "
+            f"and samples_per_volume={samples_per_volume}"
+        )
+    try:
+        num_subjects = len(data)
+    except TypeError:
+        raise TypeError(
+            f"`data` should be a sequence or a map-style dataset with a length, but got {type(data).__name__}"
+        ) from None
+    if num_subjects == 0:
+        raise ValueError("`data` should hold at least one subject, but it is empty")
+    entries = raw_entries(data)
+    if entries is None:
+        return [samples_per_volume] * num_subjects
+    counts = []
+    for index, entry in enumerate(entries):
+        count = entry.get("num_samples", samples_per_volume)
+        count = check_positive_int(count, f"num_samples of {describe_subject(data, index)}")
+        if count > max_length:
+            raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")
+        counts.append(count)
+    return counts
+
+
+def _refuse_outer_workers(num_workers: int) -> None:
+    info = get_worker_info()
+    if info is not None:
+        raise RuntimeError(
+            f"PatchQueueDataset was iterated in DataLoader worker {info.id} of {info.num_workers}: each worker would "
+            "serve its own copy of every patch. Use DataLoader(queue, batch_size=..., num_workers=0) and set the "
+            f"queue's own `num_workers` (now {num_workers}) to prepare subjects in the background."
+        )

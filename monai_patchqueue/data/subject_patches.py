@@ -1,0 +1,181 @@
+"""The work of one background task: load a subject, transform it, cut its patches, transform each patch.
+
+:class:`SubjectPatches` is a map-style dataset indexed by :class:`~monai_patchqueue.data.schedule.SubjectTask`;
+the queue runs it in worker processes through a ``torch.utils.data.DataLoader`` (or in the calling process).
+Only patches leave it: arrays the sampler did not crop are dropped, and views into the volume are copied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .schedule import SubjectTask
+
+__all__ = ["SubjectError", "SubjectPatches", "describe_subject", "patch_nbytes", "raw_entries", "set_sample_count"]
+
+
+class SubjectError(RuntimeError):
+    """A subject could not be loaded, transformed or sampled; the message names the subject."""
+
+
+def raw_entries(data: Any) -> Sequence[Mapping] | None:
+    """Return the datalist behind ``data`` (a list of dicts, or a MONAI ``Dataset``'s ``.data``), if any.
+
+    Example:
+        >>> raw_entries([{"image": "a.nii"}])
+        [{'image': 'a.nii'}]
+        >>> raw_entries(range(3)) is None
+        True
+    """
+    for candidate in (data, getattr(data, "data", None)):
+        if isinstance(candidate, Sequence) and not isinstance(candidate, (str, bytes)):
+            if all(isinstance(entry, Mapping) for entry in candidate):
+                return candidate
+    return None
+
+
+def describe_subject(data: Any, index: int) -> str:
+    """Return ``"subject <index>"`` followed by the subject's file names or entries, for error messages.
+
+    Example:
+        >>> describe_subject([{"image": "/data/a.nii.gz", "age": 3}], 0)
+        "subject 0 {'image': '/data/a.nii.gz'}"
+    """
+    entries = raw_entries(data)
+    if entries is None or not 0 <= index < len(entries):
+        return f"subject {index}"
+    entry = entries[index]
+    files = {key: os.fspath(value) for key, value in entry.items() if isinstance(value, (str, os.PathLike))}
+    return f"subject {index} {files or dict(entry)}"
+
+
+def set_sample_count(sampler: Any, count: int) -> None:
+    """Ask ``sampler`` for ``count`` patches per call where it exposes a ``num_samples`` (ours and MONAI's).
+
+    The queue still calls the sampler until it has ``count`` patches and drops any extra, so samplers that
+    expose no count are correct, only slower.
+    """
+    for holder in (sampler, getattr(sampler, "sampler", None), getattr(sampler, "cropper", None)):
+        if holder is not None and isinstance(getattr(holder, "num_samples", None), int):
+            holder.num_samples = count
+            return
+
+
+def patch_nbytes(patch: Mapping) -> int:
+    """Return the bytes held by the tensors and arrays of one patch dict.
+
+    Example:
+        >>> patch_nbytes({"image": torch.zeros(1, 4, 4, 4), "name": "a"})
+        256
+    """
+    return sum(
+        value.numel() * value.element_size() if isinstance(value, torch.Tensor) else value.nbytes
+        for value in patch.values()
+        if isinstance(value, (torch.Tensor, np.ndarray))
+    )
+
+
+def _seed(component: Any, seed: int) -> None:
+    if component is not None and hasattr(component, "set_random_state"):
+        component.set_random_state(seed=seed)
+
+
+def _owned(value: Any) -> Any:
+    """Return ``value`` with its own compact storage, so a patch never keeps its volume alive."""
+    if isinstance(value, torch.Tensor):
+        if value.untyped_storage().nbytes() > value.numel() * value.element_size() or not value.is_contiguous():
+            return value.clone(memory_format=torch.contiguous_format)
+        return value
+    if isinstance(value, np.ndarray) and value.base is not None:
+        return value.copy()
+    return value
+
+
+class SubjectPatches(torch.utils.data.Dataset):
+    """Turn a :class:`SubjectTask` into that subject's list of patch dicts.
+
+    Args:
+        data: sequence or map-style dataset of subject dicts.
+        sampler: transform returning a list of patch dicts (or one dict) from a subject dict.
+        transform: applied to the subject dict before sampling; None for none.
+        patch_transform: applied to every patch dict; None for none.
+
+    Raises:
+        SubjectError: anything raised while preparing the subject, re-raised with the subject's description.
+
+    Example:
+        >>> from monai_patchqueue import UniformSamplerd
+        >>> from monai_patchqueue.data.schedule import SubjectTask
+        >>> work = SubjectPatches([{"image": torch.zeros(1, 8, 8, 8)}], UniformSamplerd("image", 4))
+        >>> task, patches = work[SubjectTask(epoch=0, position=0, subject=0, count=3, seed=7)]
+        >>> len(patches), tuple(patches[0]["image"].shape)
+        (3, (1, 4, 4, 4))
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        sampler: Callable,
+        transform: Callable | None = None,
+        patch_transform: Callable | None = None,
+    ) -> None:
+        self.data = data
+        self.sampler = sampler
+        self.transform = transform
+        self.patch_transform = patch_transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, list[dict]]:
+        try:
+            return task, self._patches(task)
+        except Exception as error:
+            cause = f"{type(error).__name__}: {error}"
+            raise SubjectError(
+                f"PatchQueueDataset could not prepare {describe_subject(self.data, task.subject)}: {cause}"
+            ) from error
+
+    def _patches(self, task: SubjectTask) -> list[dict]:
+        transform_seed, sampler_seed, patch_seed = np.random.SeedSequence(task.seed).generate_state(3)
+        subject = self.data[task.subject]
+        if self.transform is not None:
+            _seed(self.transform, int(transform_seed))
+            subject = self.transform(subject)
+        if not isinstance(subject, Mapping):
+            raise TypeError(
+                f"a subject should be a dict after `transform`, but got {type(subject).__name__}; "
+                "put patch samplers in `sampler`, not in `transform`"
+            )
+        _seed(self.sampler, int(sampler_seed))
+        patches = [self._only_patches(patch, subject) for patch in self._sample(subject, task.count)]
+        if self.patch_transform is not None:
+            _seed(self.patch_transform, int(patch_seed))
+            patches = [self.patch_transform(patch) for patch in patches]
+        return patches
+
+    def _sample(self, subject: Mapping, count: int) -> list[Mapping]:
+        set_sample_count(self.sampler, count)
+        patches: list[Mapping] = []
+        while len(patches) < count:
+            drawn = self.sampler(subject)
+            drawn = [drawn] if isinstance(drawn, Mapping) else list(drawn)
+            if not drawn or not all(isinstance(patch, Mapping) for patch in drawn):
+                raise TypeError(f"`sampler` should return a non-empty list of dicts, but got {drawn!r:.200}")
+            patches.extend(drawn)
+        return patches[:count]
+
+    @staticmethod
+    def _only_patches(patch: Mapping, subject: Mapping) -> dict:
+        """Drop arrays the sampler passed through uncropped; give every cropped array its own storage."""
+        out = {}
+        for key, value in patch.items():
+            if isinstance(value, (torch.Tensor, np.ndarray)) and subject.get(key) is value:
+                continue
+            out[key] = _owned(value)
+        return out
