@@ -11,14 +11,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.data.utils import collate_meta_tensor_fn
 from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .._checks import check_bool, check_positive_int
 from .background import PREFETCH_PER_WORKER, BackgroundTasks
 from .buffer import PatchBuffer
 from .planner import EpochPlanner
 from .schedule import SubjectTask, epoch_generator
-from .subject_patches import SubjectError, SubjectPatches, describe_subject, patch_nbytes, raw_entries
+from .subject_patches import NUM_SAMPLES, SubjectError, SubjectPatches, describe_subject, patch_nbytes, raw_entries
 
 __all__ = ["EpochStatistics", "PatchQueueDataset"]
 
@@ -57,7 +60,9 @@ class PatchQueueDataset(IterableDataset):
     rank takes a disjoint share of the subjects and every rank yields the same number of patches.
 
     Iterate it with ``DataLoader(queue, batch_size=B)`` and ``num_workers=0`` (the queue has its own workers;
-    a DataLoader worker raises at the first iteration rather than duplicate patches).
+    a DataLoader worker raises at the first iteration rather than duplicate patches). Creating a queue
+    registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
+    so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 
     Args:
         data: subject dicts: a MONAI datalist or a map-style dataset returning dicts (e.g. ``CacheDataset``).
@@ -124,6 +129,7 @@ class PatchQueueDataset(IterableDataset):
                 raise TypeError(f"`{name}` should be a callable transform, but got {name}={value!r:.100}")
         if sampler is None:
             raise TypeError("`sampler` should be a transform returning a list of patch dicts, but got sampler=None")
+        collate_metadata_per_item()
         self.data = data
         self.counts = _subject_counts(data, self.samples_per_volume, self.max_length)
         self.subject_sampler = subject_sampler
@@ -298,6 +304,16 @@ class PatchQueueDataset(IterableDataset):
         )
 
 
+def collate_metadata_per_item() -> None:
+    """Make ``torch.utils.data.default_collate`` batch MetaTensor metadata as MONAI's collation does.
+
+    Without this, torch's default collation stacks MetaTensors but keeps the first patch's affine for the
+    whole batch; with it, a batch carries one affine (and trace) per patch, as with ``monai.data.DataLoader``.
+    Registered (once, for MetaTensor only) when a queue is created.
+    """
+    default_collate_fn_map.setdefault(MetaTensor, collate_meta_tensor_fn)
+
+
 def _pretty_bytes(size: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
@@ -339,7 +355,7 @@ def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list
         return [samples_per_volume] * num_subjects
     counts = []
     for index, entry in enumerate(entries):
-        count = entry.get("num_samples", samples_per_volume)
+        count = entry.get(NUM_SAMPLES, samples_per_volume)
         count = check_positive_int(count, f"num_samples of {describe_subject(data, index)}")
         if count > max_length:
             raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")

@@ -64,21 +64,20 @@ def subject_order(num_subjects: int, seed: int, epoch: int, shuffle: bool) -> li
 
 
 def rank_shares(order: Sequence[int], world_size: int) -> list[list[int]]:
-    """Split ``order`` into ``world_size`` disjoint shares of equal size, repeating leading subjects to pad.
+    """Split ``order`` into ``world_size`` disjoint shares: rank ``r`` takes positions ``r, r + world_size, ...``.
 
-    As ``torch.utils.data.DistributedSampler`` does (without ``drop_last``): rank ``r`` takes positions
-    ``r, r + world_size, ...`` of the padded order.
+    Shares differ in size by at most one subject; :func:`equalised_counts` then evens out the patch counts, so
+    no subject is duplicated to pad a share (as ``DistributedSampler`` does).
 
     Example:
         >>> rank_shares([5, 6, 7], 2)
-        [[5, 7], [6, 5]]
+        [[5, 7], [6]]
     """
-    if not order:
-        return [[] for _ in range(world_size)]
-    padded = list(order)
-    while len(padded) % world_size:
-        padded.extend(order[: world_size - len(padded) % world_size])
-    return [padded[rank::world_size] for rank in range(world_size)]
+    if len(order) < world_size:
+        raise ValueError(
+            f"there are {len(order)} subjects for {world_size} ranks; each rank needs at least one subject"
+        )
+    return [list(order[rank::world_size]) for rank in range(world_size)]
 
 
 def equalised_counts(counts: Sequence[int], target: int) -> list[int]:

@@ -19,6 +19,10 @@ from .schedule import SubjectTask
 __all__ = ["SubjectError", "SubjectPatches", "describe_subject", "patch_nbytes", "raw_entries", "set_sample_count"]
 
 
+NUM_SAMPLES = "num_samples"
+"""Entry of a subject dict that overrides the queue's ``samples_per_volume`` for that subject."""
+
+
 class SubjectError(RuntimeError):
     """A subject could not be loaded, transformed or sampled; the message names the subject."""
 
@@ -45,13 +49,18 @@ def describe_subject(data: Any, index: int) -> str:
     Example:
         >>> describe_subject([{"image": "/data/a.nii.gz", "age": 3}], 0)
         "subject 0 {'image': '/data/a.nii.gz'}"
+        >>> describe_subject([{"image": torch.zeros(2), "id": 7}], 0)
+        "subject 0 {'id': 7}"
     """
     entries = raw_entries(data)
     if entries is None or not 0 <= index < len(entries):
         return f"subject {index}"
     entry = entries[index]
     files = {key: os.fspath(value) for key, value in entry.items() if isinstance(value, (str, os.PathLike))}
-    return f"subject {index} {files or dict(entry)}"
+    if files:
+        return f"subject {index} {files}"
+    scalars = {key: value for key, value in entry.items() if isinstance(value, (int, float))}
+    return f"subject {index} {scalars or sorted(map(str, entry))}"
 
 
 def set_sample_count(sampler: Any, count: int) -> None:
@@ -172,10 +181,11 @@ class SubjectPatches(torch.utils.data.Dataset):
 
     @staticmethod
     def _only_patches(patch: Mapping, subject: Mapping) -> dict:
-        """Drop arrays the sampler passed through uncropped; give every cropped array its own storage."""
+        """Drop arrays the sampler passed through uncropped, and the queue's own ``num_samples`` entry; give
+        every cropped array its own storage."""
         out = {}
         for key, value in patch.items():
-            if isinstance(value, (torch.Tensor, np.ndarray)) and subject.get(key) is value:
+            if key == NUM_SAMPLES or (isinstance(value, (torch.Tensor, np.ndarray)) and subject.get(key) is value):
                 continue
             out[key] = _owned(value)
         return out

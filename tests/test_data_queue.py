@@ -1,0 +1,283 @@
+"""PatchQueueDataset in one process and with workers: counts, epochs, shuffling, determinism, samplers, memory."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader as MonaiDataLoader
+from monai.data import MetaTensor, ThreadDataLoader
+from monai.transforms import (
+    Compose,
+    Lambdad,
+    RandCropByLabelClassesd,
+    RandCropByPosNegLabeld,
+    RandScaleIntensityd,
+    RandSpatialCropSamplesd,
+    RandWeightedCropd,
+)
+from scipy.stats import binomtest
+from torch.utils.data import DataLoader
+
+from monai_patchqueue import LabelSamplerd, PatchQueueDataset, UniformSamplerd
+from monai_patchqueue.transforms.functional import shifted_affine
+
+
+def subjects(n: int = 6, size: int = 12, counts: dict[int, int] | None = None) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    data = []
+    for index in range(n):
+        affine = torch.eye(4, dtype=torch.float64)
+        affine[:3, 3] = torch.tensor([index, 2.0 * index, 0.0])
+        image = MetaTensor(torch.rand(1, size, size, size, generator=generator) + index, affine=affine)
+        label = MetaTensor((torch.rand(1, size, size, size, generator=generator) * 3).long(), affine=affine)
+        entry = {"image": image, "label": label, "id": index}
+        if counts and index in counts:
+            entry["num_samples"] = counts[index]
+        data.append(entry)
+    return data
+
+
+def queue_of(data=None, *, sampler=None, max_length=8, samples_per_volume=4, **kwargs) -> PatchQueueDataset:
+    sampler = sampler or UniformSamplerd(["image", "label"], 4, num_samples=3)
+    kwargs.setdefault("seed", 0)
+    return PatchQueueDataset(subjects() if data is None else data, sampler, max_length, samples_per_volume, **kwargs)
+
+
+def stream(queue: PatchQueueDataset, epochs: int = 1, batch_size: int = 4) -> list[tuple]:
+    out = []
+    for _ in range(epochs):
+        for batch in DataLoader(queue, batch_size=batch_size):
+            for i in range(len(batch["id"])):
+                out.append((int(batch["id"][i]), tuple(batch["location"][i].tolist()), float(batch["image"][i].sum())))
+    return out
+
+
+# --- construction ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"max_length": 3, "samples_per_volume": 4}, ValueError, "max_length=3 and samples_per_volume=4"),
+        ({"max_length": 0}, ValueError, "max_length=0"),
+        ({"samples_per_volume": -1}, ValueError, "samples_per_volume=-1"),
+        ({"num_workers": -1}, ValueError, "num_workers=-1"),
+        ({"seed": -3}, ValueError, "seed=-3"),
+        ({"shuffle_patches": "yes"}, TypeError, "shuffle_patches='yes'"),
+        ({"sampler": "not a transform"}, TypeError, "sampler="),
+    ],
+)
+def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        queue_of(**kwargs)
+
+
+def test_a_subject_asking_for_more_patches_than_the_buffer_holds_raises():
+    with pytest.raises(ValueError, match="subject 2 .*num_samples=9 > max_length=8"):
+        queue_of(subjects(counts={2: 9}))
+    with pytest.raises(ValueError, match="`data` should hold at least one subject"):
+        queue_of([{"image": 1}][:0])
+
+
+# --- epochs and counts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_subject_yields_exactly_its_count_every_epoch(num_workers):
+    counts = {1: 1, 4: 7}
+    with queue_of(subjects(counts=counts), num_workers=num_workers) as queue:
+        expected = {i: counts.get(i, 4) for i in range(6)}
+        assert len(queue) == sum(expected.values())
+        for _ in range(3):
+            served = stream(queue)
+            assert collections.Counter(item[0] for item in served) == expected
+            assert len({item[1:] for item in served}) > 0.9 * len(served)  # distinct patches, not copies
+
+
+def test_batches_carry_each_patch_affine_and_location():
+    queue = queue_of()
+    batch = next(iter(DataLoader(queue, batch_size=5)))
+    assert batch["image"].shape == (5, 1, 4, 4, 4)
+    assert batch["location"].shape == (5, 6) and batch["location"].dtype == torch.int64
+    for i in range(5):
+        subject = subjects()[int(batch["id"][i])]
+        start = batch["location"][i, :3].tolist()
+        expected = shifted_affine(subject["image"].affine, start)
+        assert torch.allclose(batch["image"].affine[i].to(expected.dtype), expected)
+        box = tuple(slice(a, b) for a, b in zip(start, batch["location"][i, 3:].tolist()))
+        assert torch.equal(batch["image"][i].as_tensor(), subject["image"][(slice(None), *box)].as_tensor())
+    queue.close()
+
+
+@pytest.mark.parametrize("loader", [MonaiDataLoader, ThreadDataLoader])
+def test_monai_loaders_collate_queue_patches(loader):
+    with queue_of() as queue:
+        batches = list(loader(queue, batch_size=4))
+    assert sum(len(b["id"]) for b in batches) == 24
+    assert isinstance(batches[0]["image"], MetaTensor) and batches[0]["image"].affine.shape == (4, 4, 4)
+
+
+def test_shuffle_subjects_changes_the_order_between_epochs():
+    queue = queue_of(shuffle_patches=False, max_length=4)
+    orders = [[item[0] for item in stream(queue)][::4] for _ in range(4)]
+    assert all(sorted(order) == list(range(6)) for order in orders)
+    assert len({tuple(order) for order in orders}) > 1
+    fixed = queue_of(shuffle_patches=False, shuffle_subjects=False, max_length=4)
+    assert [item[0] for item in stream(fixed, epochs=2)][::4] == list(range(6)) * 2
+
+
+def test_shuffled_patches_mix_subjects_within_batches():
+    def single_subject_batches(queue):
+        batches = [b["id"] for b in DataLoader(queue, batch_size=4)]
+        return sum(len(set(ids.tolist())) == 1 for ids in batches), len(batches)
+
+    mixed, total = single_subject_batches(queue_of(max_length=16))
+    assert mixed <= 1, f"{mixed} of {total} batches came from a single subject"
+    ordered, total = single_subject_batches(queue_of(max_length=16, shuffle_patches=False))
+    assert ordered == total
+
+
+def test_the_buffer_is_topped_up_while_patches_are_consumed_not_only_when_empty():
+    # Buffer of 8 = two subjects; the third subject enters as soon as four patches have left. A queue that
+    # refills only when empty would serve all 8 patches of the first two subjects before any of the third.
+    early = 0
+    for seed in range(20):
+        served = [item[0] for item in stream(queue_of(max_length=8, shuffle_subjects=False, seed=seed))]
+        early += any(subject == 2 for subject in served[:8])
+    assert early >= 15
+
+
+def test_patch_order_is_uniform_over_the_buffer():
+    # With two subjects in a buffer of 8 and shuffled pops, the first patch is from subject 0 half the time.
+    firsts = [stream(queue_of(max_length=8, shuffle_subjects=False, seed=seed))[0][0] for seed in range(200)]
+    assert binomtest(sum(f == 0 for f in firsts), len(firsts), 0.5).pvalue > 1e-3
+
+
+# --- determinism -----------------------------------------------------------------------------------------------
+
+
+def test_the_stream_is_identical_for_0_1_and_2_workers():
+    streams = []
+    for num_workers in (0, 1, 2):
+        with queue_of(num_workers=num_workers, seed=5) as queue:
+            streams.append(stream(queue, epochs=2))
+    assert streams[0] == streams[1] == streams[2]
+
+
+def test_seeds_epochs_and_set_epoch_position_the_stream():
+    first, second = queue_of(seed=1), queue_of(seed=1)
+    epoch0, epoch1 = stream(first), stream(first)
+    assert stream(second) == epoch0 and epoch0 != epoch1
+    assert stream(queue_of(seed=2)) != epoch0
+    second.set_epoch(1)
+    assert stream(second) == epoch1
+    second.set_epoch(0)
+    assert stream(second) == epoch0
+    reseeded = queue_of(seed=9).set_random_state(seed=1)
+    assert stream(reseeded) == epoch0
+    with pytest.raises(ValueError, match="epoch=-1"):
+        second.set_epoch(-1)
+
+
+def test_random_transforms_and_patch_transforms_are_seeded_per_subject():
+    def make(num_workers):
+        return queue_of(
+            transform=RandScaleIntensityd("image", factors=0.5, prob=1.0),
+            patch_transform=Compose([RandScaleIntensityd("image", factors=0.5, prob=1.0), Lambdad("id", lambda x: x)]),
+            num_workers=num_workers,
+            seed=3,
+        )
+
+    with make(0) as zero, make(2) as two:
+        a, b = stream(zero), stream(two)
+    assert a == b
+    plain = stream(queue_of(seed=3))
+    assert [item[2] for item in a] != [item[2] for item in plain]
+
+
+def test_the_callers_sampler_and_transforms_are_not_mutated():
+    sampler = UniformSamplerd(["image", "label"], 4, num_samples=3)
+    state = sampler.sampler.R.get_state()[1].copy()
+    stream(queue_of(sampler=sampler, samples_per_volume=5))
+    assert sampler.sampler.num_samples == 3
+    assert np.array_equal(sampler.sampler.R.get_state()[1], state)
+
+
+# --- samplers --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        LabelSamplerd(["image", "label"], 4, "label", num_samples=2, label_probabilities={0: 1, 1: 1, 2: 1}),
+        RandSpatialCropSamplesd(["image", "label"], 4, num_samples=3, random_size=False),
+        RandWeightedCropd(["image", "label"], "image", (4, 4, 4), num_samples=2),
+        RandCropByLabelClassesd(["image", "label"], "label", 4, ratios=[1, 1, 1], num_classes=3, num_samples=2),
+        RandCropByPosNegLabeld(["image", "label"], "label", 4, num_samples=2),
+    ],
+    ids=["LabelSamplerd", "RandSpatialCropSamplesd", "RandWeightedCropd", "RandCropByLabelClassesd", "PosNeg"],
+)
+def test_monai_and_our_samplers_give_exact_counts_of_compact_patches(sampler):
+    with queue_of(sampler=sampler, samples_per_volume=5, max_length=10, num_workers=0) as queue:
+        patches = list(queue)
+    assert collections.Counter(p["id"] for p in patches) == dict.fromkeys(range(6), 5)
+    for patch in patches[:5]:
+        assert patch["image"].shape == (1, 4, 4, 4)
+        assert patch["image"].untyped_storage().nbytes() == patch["image"].numel() * 4  # no view of the volume
+
+
+def test_arrays_the_sampler_does_not_crop_stay_behind():
+    with queue_of(sampler=UniformSamplerd("image", 4, num_samples=4)) as queue:
+        patch = next(iter(queue))
+    assert "label" not in patch and patch["id"] in range(6) and patch["image"].shape == (1, 4, 4, 4)
+
+
+def test_a_transform_returning_several_dicts_is_refused_with_advice():
+    with queue_of(transform=lambda d: [d, d]) as queue, pytest.raises(RuntimeError, match="put patch samplers in"):
+        next(iter(queue))
+
+
+def test_a_dataset_with_data_attribute_gives_counts_and_subject_names():
+    from monai.data import Dataset
+
+    dataset = Dataset(subjects(counts={0: 2}))
+    with queue_of(dataset) as queue:
+        assert len(queue) == 2 + 5 * 4
+        assert collections.Counter(p["id"] for p in queue)[0] == 2
+
+
+# --- memory, logging, repr -------------------------------------------------------------------------------------
+
+
+def test_get_max_memory_counts_every_patch_that_can_be_held():
+    with queue_of(num_workers=2, max_length=8, samples_per_volume=4) as queue:
+        patch = next(iter(queue))
+        patch_bytes = 4 * 4**3 + 8 * 4**3 + 6 * 8  # float32 image, int64 label, int64 location
+        assert sum(v.numel() * v.element_size() for v in patch.values() if torch.is_tensor(v)) == patch_bytes
+        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 2 * 4)
+        assert queue.get_max_memory(subjects()[0]) == queue.get_max_memory()
+        assert queue.get_max_memory_pretty() == f"{patch_bytes * 24 / 1024:.2f} KiB"
+
+
+def test_verbose_logs_fills_and_timings(caplog):
+    with caplog.at_level(logging.INFO, logger="monai_patchqueue.data.queue"), queue_of(verbose=True) as queue:
+        stream(queue)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("gave 4 patches" in m for m in messages)
+    assert any("24 patches in" in m for m in messages)
+    quiet = queue_of()
+    caplog.clear()
+    stream(quiet)
+    assert not caplog.records
+
+
+def test_repr_and_statistics_summarise_the_state():
+    queue = queue_of(num_workers=0)
+    stream(queue)
+    text = repr(queue)
+    assert "subjects=6" in text and "epoch=1" in text and "patches_per_epoch=24" in text and "seed=0" in text
+    assert queue.statistics.epoch == 0 and queue.statistics.patches == 24 and queue.statistics.elapsed_s > 0

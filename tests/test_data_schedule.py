@@ -1,0 +1,114 @@
+"""The queue's pure parts: epoch plans, rank shares, the patch buffer and the patch transport."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from monai.data import MetaTensor
+from scipy.stats import chisquare
+from torch.utils.data import DistributedSampler
+
+from monai_patchqueue import UniformSamplerd
+from monai_patchqueue.data.buffer import PatchBuffer
+from monai_patchqueue.data.planner import EpochPlanner
+from monai_patchqueue.data.schedule import epoch_tasks, equalised_counts, rank_shares, subject_order
+from monai_patchqueue.data.subject_patches import SubjectPatches
+from monai_patchqueue.data.schedule import SubjectTask
+from monai_patchqueue.data.transport import PatchPack
+
+
+@given(st.integers(1, 40), st.integers(1, 6), st.integers(0, 2**31), st.integers(0, 50))
+def test_rank_shares_are_disjoint_cover_every_subject_and_differ_by_at_most_one(n, world, seed, epoch):
+    if n < world:
+        with pytest.raises(ValueError, match="at least one subject"):
+            rank_shares(subject_order(n, seed, epoch, True), world)
+        return
+    shares = rank_shares(subject_order(n, seed, epoch, True), world)
+    flat = [s for share in shares for s in share]
+    assert sorted(flat) == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=8), st.integers(0, 30))
+def test_equalised_counts_reach_the_target_and_never_lower_a_count(counts, extra):
+    target = sum(counts) + extra
+    out = equalised_counts(counts, target)
+    assert sum(out) == target
+    assert all(a >= b for a, b in zip(out, counts))
+    assert max(a - b for a, b in zip(out, counts)) - min(a - b for a, b in zip(out, counts)) <= 1
+
+
+def test_subject_order_is_seeded_differs_between_epochs_and_is_uniform():
+    assert subject_order(10, 3, 0, True) == subject_order(10, 3, 0, True)
+    assert subject_order(10, 3, 0, True) != subject_order(10, 3, 1, True)
+    firsts = np.bincount([subject_order(5, 11, epoch, True)[0] for epoch in range(2000)], minlength=5)
+    assert chisquare(firsts).pvalue > 1e-3
+
+
+def test_epoch_tasks_have_distinct_seeds_that_depend_on_rank_and_epoch():
+    tasks = epoch_tasks(list(range(50)), [2] * 50, seed=1, epoch=0, rank=0)
+    assert len({task.seed for task in tasks}) == 50
+    assert [t.seed for t in epoch_tasks([0], [1], 1, 0, 1)] != [t.seed for t in epoch_tasks([0], [1], 1, 0, 0)]
+    assert [t.seed for t in epoch_tasks([0], [1], 1, 1, 0)] != [t.seed for t in epoch_tasks([0], [1], 1, 0, 0)]
+
+
+def test_planner_equalises_ranks_with_a_distributed_sampler_and_reaches_set_epoch():
+    counts = [2, 2, 2, 9, 2]
+    samplers = [DistributedSampler(range(5), num_replicas=2, rank=rank, shuffle=True, seed=4) for rank in range(2)]
+    planners = [EpochPlanner(counts, seed=0, shuffle_subjects=False, subject_sampler=s) for s in samplers]
+    for epoch in range(3):
+        plans = [planner.tasks(epoch) for planner in planners]
+        assert samplers[0].epoch == epoch
+        assert sum(t.count for t in plans[0]) == sum(t.count for t in plans[1])
+        for rank, plan in enumerate(plans):
+            samplers[rank].set_epoch(epoch)
+            assert [t.subject for t in plan] == list(samplers[rank])
+            assert all(t.count >= counts[t.subject] for t in plan)
+
+
+def test_planner_rejects_a_subject_index_out_of_range():
+    with pytest.raises(IndexError, match="subject index 7"):
+        EpochPlanner([1, 1], seed=0, shuffle_subjects=False, subject_sampler=[0, 7]).tasks(0)
+
+
+def test_buffer_pops_uniformly_at_random_and_fifo_without_rng():
+    fifo = PatchBuffer(rng=None)
+    fifo.extend(list(range(5)))
+    assert [fifo.pop() for _ in range(5)] == list(range(5))
+    rng = np.random.default_rng(0)
+    first = []
+    for _ in range(3000):
+        buffer = PatchBuffer(rng)
+        buffer.extend(list(range(6)))
+        first.append(buffer.pop())
+    assert chisquare(np.bincount(first, minlength=6)).pvalue > 1e-3
+    with pytest.raises(IndexError):
+        PatchBuffer(rng).pop()
+
+
+def test_patch_pack_round_trip_keeps_data_meta_and_trace():
+    image = MetaTensor(torch.arange(512.0).reshape(1, 8, 8, 8), affine=torch.diag(torch.tensor([2.0, 2, 2, 1])))
+    data = {"image": image, "name": "a", "extra": np.arange(3)}
+    _, patches = SubjectPatches([data], UniformSamplerd("image", 4))[SubjectTask(0, 0, 0, 5, 9)]
+    unpacked = pickle.loads(pickle.dumps(PatchPack(patches))).unpack()
+    assert len(unpacked) == 5
+    for before, after in zip(patches, unpacked):
+        assert torch.equal(before["image"].as_tensor(), after["image"].as_tensor())
+        assert torch.equal(before["image"].affine, after["image"].affine)
+        assert torch.equal(before["location"], after["location"])
+        assert before["image"].applied_operations == after["image"].applied_operations
+        assert before["image"].meta.keys() == after["image"].meta.keys()
+        assert after["name"] == "a" and "extra" not in after  # an array the sampler did not crop stays behind
+    assert len({p["image"].untyped_storage().data_ptr() for p in unpacked}) == 1  # one shared storage
+
+
+def test_patch_pack_keeps_patches_with_different_keys():
+    patches = [{"image": torch.zeros(2)}, {"image": torch.ones(2), "more": 1}]
+    unpacked = PatchPack(patches).unpack()
+    assert unpacked[1]["more"] == 1 and "more" not in unpacked[0]
+    assert torch.equal(unpacked[1]["image"], torch.ones(2))
