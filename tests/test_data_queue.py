@@ -77,7 +77,7 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
 
 
 def test_a_subject_asking_for_more_patches_than_the_buffer_holds_raises():
-    with pytest.raises(ValueError, match="subject 2 .*num_samples=9 > max_length=8"):
+    with pytest.raises(ValueError, match=r"subject 2 .*num_samples=9 > max_length=8"):
         queue_of(subjects(counts={2: 9}))
     with pytest.raises(ValueError, match="`data` should hold at least one subject"):
         queue_of([{"image": 1}][:0])

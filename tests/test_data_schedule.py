@@ -16,9 +16,8 @@ from torch.utils.data import DistributedSampler
 from monai_patchqueue import UniformSamplerd
 from monai_patchqueue.data.buffer import PatchBuffer
 from monai_patchqueue.data.planner import EpochPlanner
-from monai_patchqueue.data.schedule import epoch_tasks, equalised_counts, rank_shares, subject_order
+from monai_patchqueue.data.schedule import SubjectTask, epoch_tasks, equalised_counts, rank_shares, subject_order
 from monai_patchqueue.data.subject_patches import SubjectPatches
-from monai_patchqueue.data.schedule import SubjectTask
 from monai_patchqueue.data.transport import PatchPack
 
 

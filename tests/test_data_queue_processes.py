@@ -1,0 +1,289 @@
+"""PatchQueueDataset across processes: failures, killed workers, shutdown, outer workers, DDP, bundle configs."""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+from torch.utils.data import DataLoader
+
+from monai_patchqueue import PatchQueueDataset, SubjectError, UniformSamplerd
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie has exited but is not reaped yet
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until_gone(pids: list[int], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(alive(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def nifti_subjects(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("subjects")
+    data = []
+    for index in range(4):
+        path = folder / f"image_{index}.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((10, 10, 10), index, np.float32), np.eye(4)), path)
+        data.append({"image": str(path), "id": index})
+    return data
+
+
+LOAD = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
+
+
+def nifti_queue(data: list[dict], **kwargs) -> PatchQueueDataset:
+    kwargs.setdefault("seed", 0)
+    return PatchQueueDataset(data, UniformSamplerd("image", 4, num_samples=2), 4, 2, transform=LOAD, **kwargs)
+
+
+# --- failures --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_missing_file_raises_in_the_loop_naming_the_subject_and_file(nifti_subjects, num_workers):
+    data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
+    with nifti_queue(data, num_workers=num_workers, shuffle_subjects=False) as queue:
+        start = time.monotonic()
+        with pytest.raises(SubjectError, match=r"subject 4 \{'image': '/nowhere/missing_brain.nii.gz'\}"):
+            for _ in DataLoader(queue, batch_size=2):
+                pass
+        assert time.monotonic() - start < 30
+        # the next epoch starts afresh and fails again at the same subject, not earlier and without hanging
+        served = 0
+        with pytest.raises(SubjectError, match="missing_brain"):
+            for _ in queue:
+                served += 1
+        assert served >= 4
+
+
+def test_a_killed_worker_raises_instead_of_hanging(nifti_subjects):
+    slow = Compose([LOAD, lambda d: (time.sleep(0.2), d)[1]])
+    queue = PatchQueueDataset(nifti_subjects * 4, UniformSamplerd("image", 4, num_samples=2), 4, 2, transform=slow,
+                              num_workers=2, seed=0)  # fmt: skip
+    iterator = iter(queue)
+    next(iterator)
+    os.kill(queue.worker_pids[0], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"exited unexpectedly|killed by signal"):
+        for _ in iterator:
+            pass
+    assert time.monotonic() - start < 60
+    queue.close()
+
+
+def test_iterating_in_outer_dataloader_workers_raises_a_clear_error(nifti_subjects):
+    with nifti_queue(nifti_subjects) as queue, pytest.raises(RuntimeError, match="num_workers=0"):
+        next(iter(DataLoader(queue, batch_size=2, num_workers=2)))
+
+
+# --- shutdown --------------------------------------------------------------------------------------------------
+
+
+def started_queue(data: list[dict]) -> tuple[PatchQueueDataset, list[int]]:
+    queue = nifti_queue(data, num_workers=2)
+    deadline = time.monotonic() + 10
+    while len(queue.worker_pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(queue.worker_pids) == 2, "start_background should start the workers at construction"
+    return queue, queue.worker_pids
+
+
+def test_close_context_exit_and_garbage_collection_stop_the_workers(nifti_subjects):
+    queue, pids = started_queue(nifti_subjects)
+    list(queue)
+    queue.close()
+    assert wait_until_gone(pids) and queue.worker_pids == []
+    with started_queue(nifti_subjects)[0] as queue:
+        pids = queue.worker_pids
+        next(iter(queue))
+    assert wait_until_gone(pids)
+    queue, pids = started_queue(nifti_subjects)
+    del queue
+    gc.collect()
+    assert wait_until_gone(pids)
+
+
+def test_keyboard_interrupt_in_the_loop_leaves_no_workers(nifti_subjects):
+    queue, pids = started_queue(nifti_subjects)
+    with pytest.raises(KeyboardInterrupt), queue:
+        for index, _ in enumerate(queue):
+            if index == 3:
+                raise KeyboardInterrupt
+    assert wait_until_gone(pids)
+
+
+def test_a_script_that_never_closes_its_queue_leaves_no_orphans(nifti_subjects, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json
+        from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
+        from monai_patchqueue import PatchQueueDataset, UniformSamplerd
+        load = Compose([LoadImaged("image", image_only=True), EnsureChannelFirstd("image")])
+        queue = PatchQueueDataset({json.dumps(nifti_subjects)}, UniformSamplerd("image", 4), 4, 2,
+                                  transform=load, num_workers=2, seed=0)
+        for epoch in range(2):
+            count = sum(1 for _ in queue)
+        print(json.dumps({{"pids": queue.worker_pids, "count": count}}))
+    """)
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["count"] == 8 and len(report["pids"]) == 2
+    assert wait_until_gone(report["pids"])
+
+
+def test_the_queue_pickles_without_its_workers(nifti_subjects):
+    import pickle
+
+    with nifti_queue(nifti_subjects, num_workers=2) as queue:
+        copy = pickle.loads(pickle.dumps(queue))
+        assert copy.worker_pids == [] and len(copy) == len(queue) == 8
+        assert [p["id"] for p in copy] == [p["id"] for p in queue]
+
+
+# --- memory ----------------------------------------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_does_not_grow_over_epochs():
+    data = [{"image": torch.rand(1, 48, 48, 48), "id": i} for i in range(6)]
+    queue = PatchQueueDataset(data, UniformSamplerd("image", 24, num_samples=4), 16, 4, num_workers=2, seed=0)
+    patch_bytes = 4 * 24**3
+    after = []
+    for _ in range(6):
+        for _ in DataLoader(queue, batch_size=4):
+            pass
+        gc.collect()
+        after.append(rss_bytes())
+    queue.close()
+    growth = after[-1] - after[1]
+    assert growth < 8 * patch_bytes, f"RSS grew by {growth / 2**20:.1f} MiB over epochs 2-6: {after}"
+
+
+# --- DDP -------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, port: int, use_sampler: bool, results) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        data = [{"image": torch.rand(1, 8, 8, 8), "id": i} for i in range(5)]
+        data[3]["num_samples"] = 6  # uneven shares: the other rank must add patches
+        sampler = torch.utils.data.DistributedSampler(data, shuffle=True, seed=1) if use_sampler else None
+        queue = PatchQueueDataset(data, UniformSamplerd("image", 4), 8, 2, subject_sampler=sampler, seed=7)
+        epochs = []
+        for epoch in range(2):
+            queue.set_epoch(epoch)
+            ids, batches, length = [], 0, len(queue)
+            for batch in DataLoader(queue, batch_size=3):
+                total = torch.tensor([len(batch["id"])])
+                dist.all_reduce(total)  # hangs (then times out) if the ranks disagree on the number of batches
+                ids.extend(batch["id"].tolist())
+                batches += 1
+            epochs.append({"ids": ids, "length": length, "batches": batches})
+        results.put((rank, epochs))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("use_sampler", [False, True], ids=["automatic", "DistributedSampler"])
+def test_two_gloo_ranks_share_subjects_disjointly_with_equal_lengths(use_sampler):
+    context = mp.get_context("fork")
+    results = context.SimpleQueue()
+    port = _free_port()
+    ranks = [context.Process(target=_ddp_rank, args=(rank, port, use_sampler, results)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(90)
+        assert process.exitcode == 0, "a rank failed or hung"
+    by_rank = dict(results.get() for _ in range(2))
+    for epoch in range(2):
+        first, second = by_rank[0][epoch], by_rank[1][epoch]
+        assert first["length"] == second["length"] == len(first["ids"]) == len(second["ids"])
+        assert first["batches"] == second["batches"]
+        subjects = [set(first["ids"]), set(second["ids"])]
+        if not use_sampler:  # our own sharding never duplicates a subject
+            assert not subjects[0] & subjects[1]
+        assert subjects[0] | subjects[1] == set(range(5))
+        counts = collections.Counter(first["ids"]) + collections.Counter(second["ids"])
+        assert counts[3] >= 6 and all(counts[i] >= 2 for i in range(5))
+    assert by_rank[0][0]["ids"] != by_rank[0][1]["ids"]  # set_epoch reshuffles
+
+
+# --- bundle configs --------------------------------------------------------------------------------------------
+
+
+def test_a_bundle_config_builds_and_iterates_the_queue(nifti_subjects, tmp_path):
+    config = {
+        "datalist": nifti_subjects,
+        "queue": {
+            "_target_": "monai_patchqueue.PatchQueueDataset",
+            "data": "@datalist",
+            "sampler": {"_target_": "monai_patchqueue.UniformSamplerd", "keys": "image", "patch_size": [4, 4, 4]},
+            "max_length": 4,
+            "samples_per_volume": 3,
+            "transform": {
+                "_target_": "Compose",
+                "transforms": [
+                    {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+                    {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                ],
+            },
+            "num_workers": 1,
+            "seed": 0,
+        },
+        "loader": {"_target_": "DataLoader", "dataset": "@queue", "batch_size": 4},
+    }
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    parser = ConfigParser()
+    parser.read_config(str(path))
+    loader = parser.get_parsed_content("loader")
+    ids = [i for batch in loader for i in batch["id"].tolist()]
+    assert collections.Counter(ids) == dict.fromkeys(range(4), 3)
+    parser.get_parsed_content("queue").close()
