@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torchio as tio
 from monai.data import DataLoader as MonaiDataLoader
-from monai.data import Dataset
+from monai.data import Dataset, ThreadDataLoader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandCropByLabelClassesd, RandSpatialCropSamplesd
 from torch.nn.functional import interpolate
 from torch.utils.data import DataLoader
@@ -84,7 +84,7 @@ def ours(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
     queue = PatchQueueDataset(
         datalist, patch_sampler, MAX_LENGTH, SAMPLES_PER_VOLUME, transform=load, num_workers=WORKERS
     )
-    return Contender(DataLoader(queue, batch_size=BATCH), queue.close)
+    return Contender(ThreadDataLoader(queue, batch_size=BATCH, buffer_size=2), queue.close)
 
 
 def torchio_queue(datalist: list[dict], sampler: str, load: Compose) -> Iterable:

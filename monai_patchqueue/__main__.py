@@ -18,25 +18,62 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m monai_patchqueue", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="draw patches from the embedded brain with every sampler")
+    demo = commands.add_parser("demo", help="train a UNet on queued patches of the embedded brain, then segment it")
     demo.add_argument("--output", type=Path, default=Path("monai_patchqueue_demo"), help="output folder")
-    demo.add_argument("--patch-size", type=_positive_int, default=24, help="edge of the cubic patches")
-    demo.add_argument("--num-samples", type=_positive_int, default=16, help="patches per random sampler")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random samplers")
+    demo.add_argument("--iterations", type=_positive_int, default=600, help="training batches of 4 patches")
+    demo.add_argument("--patch-size", type=_positive_int, default=32, help="edge of the cubic patches")
+    demo.add_argument("--samples-per-volume", type=_positive_int, default=16, help="patches per queued subject")
+    demo.add_argument("--workers", type=_non_negative_int, default=1, help="background processes of the queue")
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the network, queue and augmentation")
+    samplers = commands.add_parser("samplers", help="draw patches from the embedded brain with every sampler")
+    samplers.add_argument("--output", type=Path, default=Path("monai_patchqueue_demo"), help="output folder")
+    samplers.add_argument("--patch-size", type=_positive_int, default=24, help="edge of the cubic patches")
+    samplers.add_argument("--num-samples", type=_positive_int, default=16, help="patches per random sampler")
+    samplers.add_argument("--seed", type=int, default=0, help="seed of the random samplers")
     return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "samplers":
+        from .demo import run_demo
+
+        run_demo(args.output, patch_size=args.patch_size, num_samples=args.num_samples, seed=args.seed)
+        return
+    import torch
+
+    from .training_demo import run_training_demo
+
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device should name a torch device such as cpu or cuda, but got {args.device!r}") from None
+    if args.patch_size > 73:
+        raise ValueError(f"--patch-size {args.patch_size} exceeds the brain's smallest side (73 voxels)")
+    run_training_demo(args.output, iterations=args.iterations, patch_size=args.patch_size,
+                      samples_per_volume=args.samples_per_volume, workers=args.workers, device=args.device,
+                      seed=args.seed)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    from .demo import run_demo
-
     try:
-        run_demo(args.output, patch_size=args.patch_size, num_samples=args.num_samples, seed=args.seed)
+        _run(args)
     except (ValueError, TypeError, KeyError, OSError) as error:
         parser.exit(2, f"{parser.prog} {args.command}: error: {error}\n")
     return 0

@@ -281,3 +281,22 @@ def test_repr_and_statistics_summarise_the_state():
     text = repr(queue)
     assert "subjects=6" in text and "epoch=1" in text and "patches_per_epoch=24" in text and "seed=0" in text
     assert queue.statistics.epoch == 0 and queue.statistics.patches == 24 and queue.statistics.elapsed_s > 0
+
+
+@pytest.mark.parametrize("loader", [MonaiDataLoader, ThreadDataLoader])
+def test_monai_loaders_keep_an_explicit_seed_and_seed_a_seedless_queue(loader):
+    from monai.utils import set_determinism
+
+    def sums(seed):
+        with queue_of(seed=seed) as queue:
+            return [float(b["image"].sum()) for b in loader(queue, batch_size=4)]
+
+    torch.manual_seed(123)  # MONAI's loaders draw their dataset seed from torch's global generator
+    first = sums(4)
+    torch.manual_seed(321)
+    assert sums(4) == first
+    set_determinism(7)
+    seedless = sums(None)
+    set_determinism(7)
+    assert sums(None) == seedless
+    set_determinism(None)

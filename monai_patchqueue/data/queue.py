@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,7 @@ class PatchQueueDataset(IterableDataset):
         self.data = data
         self.counts = _subject_counts(data, self.samples_per_volume, self.max_length)
         self.subject_sampler = subject_sampler
+        self._explicit_seed = seed is not None
         self.seed = _check_seed(seed)
         self.statistics = EpochStatistics()
         self._work = SubjectPatches(
@@ -158,7 +160,15 @@ class PatchQueueDataset(IterableDataset):
         self._epoch = int(epoch)
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        """Reseed the whole stream from ``seed`` (or a seed drawn from ``state``); returns ``self``."""
+        """Reseed the whole stream from ``seed`` (or a seed drawn from ``state``); returns ``self``.
+
+        MONAI's ``DataLoader`` and ``ThreadDataLoader`` (with ``num_workers=0``) reseed their dataset from
+        torch's global generator when they are built. A queue built with an explicit ``seed`` keeps it then, so
+        its stream stays reproducible with any loader; a queue built with ``seed=None`` takes MONAI's seed, so
+        ``monai.utils.set_determinism`` makes it reproducible.
+        """
+        if self._explicit_seed and _called_by_monai_loader():
+            return self
         if state is not None:
             seed = int(state.randint(np.iinfo(np.int32).max))
         self.seed = _check_seed(seed)
@@ -320,6 +330,12 @@ def _pretty_bytes(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1024
     return f"{size:.2f} TiB"  # pragma: no cover
+
+
+def _called_by_monai_loader() -> bool:
+    """Whether ``set_random_state`` was called by MONAI's loaders seeding their dataset (``set_rnd``)."""
+    caller = sys._getframe(2)
+    return caller.f_code.co_name == "set_rnd" and caller.f_globals.get("__name__") == "monai.data.utils"
 
 
 def _check_workers(num_workers: object) -> int:
