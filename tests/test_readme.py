@@ -18,6 +18,16 @@ def test_quickstart_runs(capsys):
     assert tuple(namespace["patch"]["image"].shape) == (1, 73, 91, 78)
 
 
+def test_queue_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 2, "the README has no patch queue example"
+    namespace: dict = {}
+    exec(compile(blocks[1], "README queue example", "exec"), namespace)
+    queue = namespace["queue"]
+    assert len(queue) == 6 * 8 and queue.statistics.patches == 48 and queue.worker_pids == []
+    assert tuple(namespace["batch"]["image"].shape) == (4, 1, 32, 32, 32)
+
+
 def test_readme_opens_with_the_two_commands():
     text = README.read_text()
     first_block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
