@@ -194,7 +194,8 @@ def test_memory_does_not_grow_over_epochs():
         after.append(rss_bytes())
     queue.close()
     growth = after[-1] - after[1]
-    assert growth < 8 * patch_bytes, f"RSS grew by {growth / 2**20:.1f} MiB over epochs 2-6: {after}"
+    # keeping the patches of the 4 epochs measured would add 96 patches; allocator noise stays below one epoch's 24
+    assert growth < 24 * patch_bytes, f"RSS grew by {growth / 2**20:.1f} MiB over epochs 2-6: {after}"
 
 
 # --- DDP -------------------------------------------------------------------------------------------------------
