@@ -39,6 +39,7 @@ SAMPLES_PER_VOLUME = 16
 MAX_LENGTH = 64
 BATCH = 8
 WORKERS = 2
+EPOCHS = 2
 KEYS = ["image", "label"]
 RESULTS = Path(__file__).parent / "results"
 
@@ -70,9 +71,6 @@ def loader_for(suffix: str) -> Compose:
         LoadImaged("label", reader=reader, image_only=True, dtype=np.uint8),
         EnsureChannelFirstd(KEYS),
     ])  # fmt: skip
-
-
-EPOCHS = 2
 
 
 def ours(datalist: list[dict], sampler: str, load: Compose) -> Iterable:

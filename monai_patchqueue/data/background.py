@@ -119,8 +119,7 @@ class BackgroundTasks:
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        if self._loader is not None:
-            self._loader._iterator = None
+        self._loader._iterator = None
 
     @property
     def worker_pids(self) -> list[int]:

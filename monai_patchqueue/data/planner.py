@@ -81,7 +81,7 @@ class EpochPlanner:
                     raise IndexError(
                         f"`subject_sampler` gave subject index {subject} but there are {len(self.counts)} subjects"
                     )
-        mine = shares[rank] if len(shares) > 1 else shares[0]
+        mine = shares[rank]
         if self.subject_sampler is not None and self.shuffle_subjects:
             mine = [mine[i] for i in epoch_generator(self.seed, epoch, rank, stream=2).permutation(len(mine))]
         target = max(sum(self.counts[s] for s in share) for share in shares)

@@ -121,7 +121,7 @@ class PatchQueueDataset(IterableDataset):
     ) -> None:
         self.max_length = check_positive_int(max_length, "max_length")
         self.samples_per_volume = check_positive_int(samples_per_volume, "samples_per_volume")
-        self.num_workers = _check_workers(num_workers)
+        self.num_workers = _non_negative_int(num_workers, "num_workers")
         self.shuffle_subjects = check_bool(shuffle_subjects, "shuffle_subjects")
         self.shuffle_patches = check_bool(shuffle_patches, "shuffle_patches")
         self.verbose = check_bool(verbose, "verbose")
@@ -155,9 +155,7 @@ class PatchQueueDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration serve epoch ``epoch`` (and pass it to ``subject_sampler``)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"`epoch` should be a non-negative integer, but got epoch={epoch!r}")
-        self._epoch = int(epoch)
+        self._epoch = _non_negative_int(epoch, "epoch")
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         """Reseed the whole stream from ``seed`` (or a seed drawn from ``state``); returns ``self``.
@@ -289,11 +287,9 @@ class PatchQueueDataset(IterableDataset):
         """
         if subject is None:
             work = SubjectPatches(self.data, copy.deepcopy(self._work.sampler), copy.deepcopy(self._work.transform))
-            subject_index = 0
         else:
             work = SubjectPatches([subject], copy.deepcopy(self._work.sampler))
-            subject_index = 0
-        _, patches = work[SubjectTask(epoch=0, position=0, subject=subject_index, count=1, seed=0)]
+        _, patches = work[SubjectTask(epoch=0, position=0, subject=0, count=1, seed=0)]
         return patch_nbytes(patches[0]) * self.max_patches_held
 
     def get_max_memory_pretty(self, subject: Mapping | None = None) -> str:
@@ -338,18 +334,16 @@ def _called_by_monai_loader() -> bool:
     return caller.f_code.co_name == "set_rnd" and caller.f_globals.get("__name__") == "monai.data.utils"
 
 
-def _check_workers(num_workers: object) -> int:
-    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 0:
-        raise ValueError(f"`num_workers` should be a non-negative integer, but got num_workers={num_workers!r}")
-    return int(num_workers)
+def _non_negative_int(value: object, name: str, expected: str = "a non-negative integer") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"`{name}` should be {expected}, but got {name}={value!r}")
+    return int(value)
 
 
 def _check_seed(seed: object) -> int:
     if seed is None:
         return int(np.random.SeedSequence().entropy % 2**63)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` should be a non-negative integer or None, but got seed={seed!r}")
-    return int(seed)
+    return _non_negative_int(seed, "seed", "a non-negative integer or None")
 
 
 def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list[int]:
@@ -372,7 +366,10 @@ def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list
     counts = []
     for index, entry in enumerate(entries):
         count = entry.get(NUM_SAMPLES, samples_per_volume)
-        count = check_positive_int(count, f"num_samples of {describe_subject(data, index)}")
+        try:
+            count = check_positive_int(count, NUM_SAMPLES)
+        except (TypeError, ValueError):  # describe the subject (a scan of the datalist) only when raising
+            check_positive_int(count, f"num_samples of {describe_subject(data, index)}")
         if count > max_length:
             raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")
         counts.append(count)
