@@ -33,7 +33,8 @@ case "$command" in
         ;;
     test)
         setup dev
-        "$venv/bin/python" -m ruff check monai_patchqueue tests benchmarks scripts
+        "$venv/bin/python" -m ruff check .
+        "$venv/bin/python" -m ruff format --check .
         set +e
         "$venv/bin/python" -m pytest -q "$@"
         status=$?
