@@ -24,7 +24,22 @@ NUM_SAMPLES = "num_samples"
 
 
 class SubjectError(RuntimeError):
-    """A subject could not be loaded, transformed or sampled; the message names the subject."""
+    """A subject could not be loaded, transformed or sampled; the message names the subject.
+
+    Raised in the training loop by :class:`PatchQueueDataset`, whichever process prepared the subject; the
+    original exception is its ``__cause__`` when it was raised in this process.
+
+    Example:
+        >>> from monai.transforms import LoadImaged
+        >>> from monai_patchqueue import PatchQueueDataset, SubjectError, UniformSamplerd
+        >>> data = [{"image": "/missing/scan.nii.gz"}]
+        >>> try:
+        ...     with PatchQueueDataset(data, UniformSamplerd("image", 4), 2, 2, transform=LoadImaged("image")) as queue:
+        ...         next(iter(queue))
+        ... except SubjectError as error:
+        ...     print(error)
+        PatchQueueDataset could not prepare subject 0 {'image': '/missing/scan.nii.gz'}: FileNotFoundError: ...
+    """
 
 
 def raw_entries(data: Any) -> Sequence[Mapping] | None:
