@@ -92,6 +92,23 @@ def test_weight_buffer_has_one_channel():
     assert aggregator._weights.shape == (1, 8, 8, 8) and aggregator._output.shape == (5, 8, 8, 8)
 
 
+@pytest.mark.parametrize("overlap_mode", ["crop", "hann"])
+def test_output_is_normalised_in_place_once_and_reset_starts_afresh(overlap_mode):
+    patches = GridSamplerd("image", 4, patch_overlap=2)({"image": torch.rand(2, 8, 8)})
+    outputs, locations = torch.stack([p["image"] for p in patches]), torch.stack([p["location"] for p in patches])
+    aggregator = GridAggregator((8, 8), 4, 2, overlap_mode=overlap_mode)
+    aggregator.add_batch(outputs, locations)
+    first = aggregator.get_output_tensor()
+    assert first.data_ptr() == aggregator._output.data_ptr()  # a view of the buffer, not a second volume
+    assert aggregator._weights is None  # the weight buffer is freed once used
+    torch.testing.assert_close(aggregator.get_output_tensor(), first)  # a second call does not divide again
+    with pytest.raises(RuntimeError, match="call reset"):
+        aggregator.add_batch(outputs, locations)
+    aggregator.reset()
+    aggregator.add_batch(2 * outputs, locations)
+    torch.testing.assert_close(aggregator.get_output_tensor(), 2 * first)
+
+
 def test_missing_patches_raise_instead_of_leaving_holes():
     aggregator = GridAggregator((8, 8), 4, overlap_mode="average")
     aggregator.add_batch(torch.ones(1, 1, 4, 4), torch.tensor([[0, 0, 4, 4]]))

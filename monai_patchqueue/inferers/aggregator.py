@@ -77,6 +77,8 @@ class GridAggregator:
         dtype: of the output (default: the first batch's dtype; float32 for weighted modes on integer outputs).
 
     Memory: the output (C x spatial at output resolution) and, for weighted modes, a one-channel weight buffer.
+    ``get_output_tensor()`` normalises the output in place and frees the weights, so it returns a view of the
+    aggregator's buffer rather than a second whole volume; :meth:`reset` before aggregating another volume.
 
     Example:
         >>> from monai_patchqueue import GridSamplerd
@@ -125,6 +127,7 @@ class GridAggregator:
         self._window: torch.Tensor | None = None
         self._factor: tuple[int, ...] | None = None
         self._added = 0
+        self._normalised = False
 
     def _downsampling_factor(self, output_patch: Sequence[int]) -> tuple[int, ...]:
         factor = tuple(p // o if o and p % o == 0 else 0 for p, o in zip(self.patch_size, output_patch))
@@ -164,6 +167,7 @@ class GridAggregator:
         Raises:
             ValueError: the batch and the locations disagree, or the output patch is not the input patch divided
                 by an integer factor per axis.
+            RuntimeError: after ``get_output_tensor()``, until ``reset()``.
         """
         locations = np.asarray(torch.as_tensor(locations).cpu(), dtype=np.int64).reshape(len(outputs), -1)
         ndim = len(self.patch_size)
@@ -172,6 +176,8 @@ class GridAggregator:
                 f"`outputs` should be (B, C, *spatial) with {ndim} spatial dims and `locations` (B, {2 * ndim}), "
                 f"but got {tuple(outputs.shape)} and {locations.shape}"
             )
+        if self._normalised:
+            raise RuntimeError("get_output_tensor() has finished this volume; call reset() to aggregate another one")
         if self._output is None:
             self._initialise(outputs)
         factor = np.array(self._factor)
@@ -204,7 +210,10 @@ class GridAggregator:
                 f"the grid has {self.num_patches} patches but {self._added} were added: add every patch's output "
                 "before get_output_tensor()"
             )
-        output = self._output if self._weights is None else self._output / self._weights
-        factor = self._factor
+        if self._weights is not None:
+            self._output.div_(self._weights)  # in place: no second whole volume at the peak
+            self._weights = None
+        self._normalised = True
+        output, factor = self._output, self._factor
         keep = tuple(slice(p // f, (p + n) // f) for p, n, f in zip(self.padding, self.spatial_shape, factor))
         return output[(slice(None), *keep)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -121,18 +122,29 @@ class GridInferer(Inferer):
         locations = self.sampler.grid(spatial_shape, where="the input")
         padded = self.sampler.pad(image)
         padded = padded.as_tensor() if isinstance(padded, MetaTensor) else padded
-        aggregators: list[GridAggregator] | None = None
+        aggregators: list[GridAggregator] = []
         rebuild = None
         for batch in self._batches(locations):
-            patches = torch.stack([padded[location_slices(location)] for location in batch])
-            if self.sw_device is not None:
-                patches = patches.to(self.sw_device)
-            leaves, rebuild = _flatten(network(patches, *args, **kwargs))
-            if aggregators is None:
-                aggregators = [self._aggregator(spatial_shape, self.device or image.device) for _ in leaves]
-            for aggregator, leaf in zip(aggregators, leaves):
-                aggregator.add_batch(leaf, batch)
+            new_aggregator = partial(self._aggregator, spatial_shape, self.device or image.device)
+            rebuild = self._add_batch(padded, batch, network, args, kwargs, aggregators, new_aggregator)
         return rebuild([aggregator.get_output_tensor() for aggregator in aggregators])
+
+    def _add_batch(self, padded, batch, network, args, kwargs, aggregators, new_aggregator) -> Callable[[list], Any]:
+        """Run the network on one batch of patches and aggregate it; return how to rebuild its output structure.
+
+        A function of its own so that the batch's patches and outputs are freed before the next batch runs: the
+        peak memory is then one batch, not two.
+        """
+        patches = torch.stack([padded[location_slices(location)] for location in batch])
+        if self.sw_device is not None:
+            patches = patches.to(self.sw_device)
+        leaves, rebuild = _flatten(network(patches, *args, **kwargs))
+        del patches
+        if not aggregators:
+            aggregators.extend(new_aggregator() for _ in leaves)
+        for aggregator, leaf in zip(aggregators, leaves):
+            aggregator.add_batch(leaf, batch)
+        return rebuild
 
     def _aggregator(self, spatial_shape: tuple[int, ...], device: torch.device) -> GridAggregator:
         return GridAggregator(
