@@ -28,7 +28,10 @@ _non_negative_int = _int_at_least(0, "non-negative")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m monai_patchqueue", description=__doc__)
+    script = Path(sys.argv[0]).name == "monai-patchqueue"  # the console script, rather than python -m
+    parser = argparse.ArgumentParser(
+        prog="monai-patchqueue" if script else "python -m monai_patchqueue", description=__doc__
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a UNet on queued patches of the embedded brain, then segment it")
     demo.add_argument("--output", type=Path, default=Path("monai_patchqueue_demo"), help="output folder")

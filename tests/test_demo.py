@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,19 @@ def test_training_demo_is_reproducible_and_beats_chance(tmp_path):
     assert other["dice"] != reports[0]["dice"]
     # even 12 batches beat guessing by class frequency on the tissue classes
     assert all(d > c for d, c in zip(reports[0]["dice"][1:], reports[0]["chance_dice"][1:]))
+
+
+def test_console_script_runs_the_same_command_line(tmp_path):
+    script = Path(sys.executable).parent / "monai-patchqueue"
+    assert script.is_file(), "the package should be installed with its console script (pip install -e .)"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: monai-patchqueue")
+    assert "demo" in result.stdout and "samplers" in result.stdout
+    result = subprocess.run(
+        [str(script), "demo", "--output", str(tmp_path), "--patch-size", "200"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "monai-patchqueue demo: error:" in result.stderr
+    assert "exceeds the brain's smallest side" in result.stderr and "Traceback" not in result.stderr
