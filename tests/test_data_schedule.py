@@ -106,6 +106,29 @@ def test_patch_pack_round_trip_keeps_data_meta_and_trace():
     assert len({p["image"].untyped_storage().data_ptr() for p in unpacked}) == 1  # one shared storage
 
 
+def test_patch_pack_sends_the_header_once_and_collates_as_monai_does():
+    from monai.data import list_data_collate
+
+    header = {"dim": np.array([3, 8, 8, 8]), "scl_slope": np.float32("nan"), "intent_name": np.array("x"), "n": 3}
+    image = MetaTensor(torch.rand(1, 8, 8, 8), meta=header)
+    _, patches = SubjectPatches([{"image": image}], UniformSamplerd("image", 4))[SubjectTask(0, 0, 0, 4, 1)]
+    pack = PatchPack(patches)
+    _, traces, _ = pickle.loads(pack.metadata)
+    shared, own, _ = traces["image"]
+    assert {"dim", "scl_slope", "intent_name", "n"} <= shared.keys()  # NaN == NaN for the header: sent once
+    assert all("scl_slope" not in meta for meta in own)
+    unpacked = pack.unpack()
+    assert isinstance(unpacked[0]["image"].meta["dim"], torch.Tensor)  # numeric header values: tensors
+    assert isinstance(unpacked[0]["image"].meta["intent_name"], np.ndarray)  # strings stay NumPy
+    for patch in (*patches, *unpacked):
+        del patch["image"].meta["intent_name"]  # which no collation takes
+    ours = list_data_collate([{"image": p["image"]} for p in unpacked])["image"].meta
+    monai = list_data_collate([{"image": p["image"]} for p in patches])["image"].meta
+    for key in ("dim", "scl_slope", "n", "affine"):
+        torch.testing.assert_close(ours[key], monai[key], equal_nan=True)
+        assert ours[key].dtype == monai[key].dtype and ours[key].shape == monai[key].shape
+
+
 def test_patch_pack_keeps_patches_with_different_keys():
     patches = [{"image": torch.zeros(2)}, {"image": torch.ones(2), "more": 1}]
     unpacked = PatchPack(patches).unpack()

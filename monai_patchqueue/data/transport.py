@@ -55,9 +55,27 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, (np.ndarray, torch.Tensor)) or isinstance(b, (np.ndarray, torch.Tensor)):
         return False
     try:
-        return type(a) is type(b) and bool(a == b)
+        return type(a) is type(b) and (bool(a == b) or _both_nan(a, b))
     except Exception:  # values whose comparison is not a plain bool
         return False
+
+
+def _both_nan(a: object, b: object) -> bool:
+    """True for two float NaNs (NIfTI headers hold NaN scale factors), which ``==`` calls different."""
+    return isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)) and np.isnan(a) and np.isnan(b)
+
+
+def _collatable(value: object) -> object:
+    """Return a numeric NumPy header value as a tensor (zero-copy), anything else as it is.
+
+    ``default_collate`` turns NumPy values into tensors one element at a time for every batch; converting a
+    subject's shared header once here gives the same batches with a single stack per key.
+    """
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufc" and value.flags.writeable:
+        return torch.from_numpy(value)
+    if isinstance(value, np.generic) and value.dtype.kind in "biufc":
+        return torch.as_tensor(value)
+    return value
 
 
 def _split_shared(metas: list[dict]) -> tuple[dict, list[dict]]:
@@ -124,8 +142,14 @@ class PatchPack:
         self.metadata = _dumps((keys if same_keys else None, traces, rest))
 
     def unpack(self) -> list[dict]:
-        """Return the patch dicts; their tensors are views into this pack's stacked tensors."""
+        """Return the patch dicts; their tensors are views into this pack's stacked tensors.
+
+        Metadata values shared by all the patches (the file header) are shared objects, to be read, not
+        modified; numeric NumPy values among them come back as tensors, as collation would make them.
+        """
         keys, traces, rest = pickle.loads(self.metadata)
+        for shared, _, _ in traces.values():
+            shared.update([(key, _collatable(value)) for key, value in shared.items()])
         patches = []
         for index, others in enumerate(rest):
             patch = {}
