@@ -124,8 +124,8 @@ class GridInferer(Inferer):
         padded = padded.as_tensor() if isinstance(padded, MetaTensor) else padded
         aggregators: list[GridAggregator] = []
         rebuild = None
+        new_aggregator = partial(self._aggregator, spatial_shape, self.device or image.device)
         for batch in self._batches(locations):
-            new_aggregator = partial(self._aggregator, spatial_shape, self.device or image.device)
             rebuild = self._add_batch(padded, batch, network, args, kwargs, aggregators, new_aggregator)
         return rebuild([aggregator.get_output_tensor() for aggregator in aggregators])
 
