@@ -12,16 +12,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from .planner import EpochPlanner
 from .schedule import SubjectTask
+from .shared_blocks import BlockTicket, SharedBlocks, close_returns, open_returns
 from .subject_patches import SubjectPatches
 from .transport import PatchPack
 
 __all__ = ["BackgroundTasks"]
 
 PREFETCH_PER_WORKER = 2
+BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
 
 
 def _unchanged(result):
@@ -29,17 +31,29 @@ def _unchanged(result):
 
 
 class _PackedWork(torch.utils.data.Dataset):
-    """Runs the work in a worker process and packs the patches for the trip back (see :mod:`.transport`)."""
+    """Runs the work in a worker process and packs the patches for the trip back (see :mod:`.transport`), into
+    the worker's reusable shared-memory blocks, which come back through ``returns[worker id]``."""
 
-    def __init__(self, work: SubjectPatches) -> None:
+    def __init__(self, work: SubjectPatches, token: int, returns: list) -> None:
         self.work = work
+        self.token = token
+        self.returns = returns
+        self._blocks: SharedBlocks | None = None
+        self._worker = -1
 
     def __len__(self) -> int:
         return len(self.work)
 
     def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, PatchPack]:
         task, patches = self.work[task]
-        return task, PatchPack(patches)
+        return task, PatchPack(patches, self._take_block)
+
+    def _take_block(self, nbytes: int) -> tuple[torch.Tensor, BlockTicket | None]:
+        if self._blocks is None:
+            self._worker = get_worker_info().id
+            self._blocks = SharedBlocks(self.returns[self._worker], capacity=BLOCKS_PER_WORKER)
+        block, index = self._blocks.take(nbytes)
+        return block, None if index is None else BlockTicket(self.token, self._worker, index)
 
 
 def _unpacked(results: Iterator) -> Iterator[tuple[SubjectTask, list[dict]]]:
@@ -79,8 +93,9 @@ class BackgroundTasks:
         self.planner = planner
         self.num_workers = num_workers
         self._stream = _TaskStream(planner)
+        self._returns_token, returns = open_returns(num_workers)
         self._loader = DataLoader(
-            _PackedWork(work) if num_workers > 0 else work,
+            _PackedWork(work, self._returns_token, returns) if num_workers > 0 else work,
             batch_size=None,
             sampler=self._stream,
             num_workers=num_workers,
@@ -120,6 +135,7 @@ class BackgroundTasks:
         if shutdown is not None:
             shutdown()
         self._loader._iterator = None
+        close_returns(self._returns_token)
 
     @property
     def worker_pids(self) -> list[int]:

@@ -2,23 +2,25 @@
 
 Sharing a tensor between processes costs a file-descriptor handshake per storage (about a millisecond), and
 a patch dict holds several (image, label, location, affines in the metadata). :class:`PatchPack` stacks every
-key into one tensor and pickles the metadata and other entries into bytes, with small tensors as NumPy arrays,
-so a subject's patches cross in a couple of shared storages whatever their number.
+key into one block of memory and pickles the metadata and other entries into bytes, with small tensors as NumPy
+arrays, so a subject's patches cross in one shared storage whatever their number; in a worker the block comes
+from the worker's reusable shared-memory blocks (:mod:`.shared_blocks`).
 """
 
 from __future__ import annotations
 
 import copyreg
 import io
+import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from torch.utils.data import get_worker_info
 
 from ..transforms.functional import new_metatensor
+from .shared_blocks import return_block
 
 __all__ = ["PatchPack"]
 
@@ -89,19 +91,6 @@ def _split_shared(metas: list[dict]) -> tuple[dict, list[dict]]:
     return shared, [{key: value for key, value in m.items() if key not in shared} for m in metas]
 
 
-def _stack_buffer(values: list[torch.Tensor]) -> torch.Tensor | None:
-    """Return an empty tensor in shared memory for stacking ``values`` in a worker process, else None.
-
-    Stacking straight into shared memory saves the copy that sending an ordinary tensor to another process
-    makes (as ``default_collate`` does in DataLoader workers).
-    """
-    first = values[0]
-    if get_worker_info() is None or first.device.type != "cpu":
-        return None
-    storage = first._typed_storage()._new_shared(len(values) * first.numel(), device=first.device)
-    return first.new(storage).resize_(len(values), *first.shape)
-
-
 def _stackable(values: list) -> bool:
     first = values[0]
     return isinstance(first, torch.Tensor) and all(
@@ -117,6 +106,10 @@ def _with_trace(view: torch.Tensor, trace: tuple, index: int) -> MetaTensor:
 class PatchPack:
     """A subject's patch dicts as one stacked tensor per key plus pickled metadata.
 
+    The stacked tensors share one block of memory: in a worker process a shared-memory block from ``blocks``
+    (see :mod:`.shared_blocks`), which crosses to the training process as a single storage; there,
+    :meth:`unpack` copies the patches out and returns the block to its worker.
+
     Example:
         >>> patches = [{"image": torch.full((1, 2, 2), float(i)), "id": i} for i in range(3)]
         >>> unpacked = PatchPack(patches).unpack()
@@ -124,22 +117,38 @@ class PatchPack:
         [(0.0, 0), (4.0, 1), (8.0, 2)]
     """
 
-    def __init__(self, patches: list[Mapping]) -> None:
+    def __init__(self, patches: list[Mapping], blocks: Callable[[int], tuple] | None = None) -> None:
         self.count = len(patches)
         keys = list(patches[0]) if patches else []
         same_keys = all(list(patch) == keys for patch in patches)
-        self.tensors: dict = {}
+        stacks: dict[str, list[torch.Tensor]] = {}
+        self.tensors: dict = {}  # stacks that live elsewhere than the block (e.g. on a GPU)
         traces: dict = {}
         for key in keys if same_keys else []:
             values = [patch[key] for patch in patches]
             if _stackable(values):
                 plain = [value.as_tensor() if isinstance(value, MetaTensor) else value.detach() for value in values]
-                self.tensors[key] = torch.stack(plain, out=_stack_buffer(plain))
+                if plain[0].device.type == "cpu":
+                    stacks[key] = plain
+                else:
+                    self.tensors[key] = torch.stack(plain)
                 if isinstance(values[0], MetaTensor):
                     shared, own = _split_shared([value.meta for value in values])
                     traces[key] = (shared, own, [value.applied_operations for value in values])
-        rest = [{key: value for key, value in patch.items() if key not in self.tensors} for patch in patches]
+        self.layout, nbytes = _layout(stacks)
+        self.block, self.ticket = blocks(nbytes) if blocks is not None and stacks else (_plain_block(nbytes), None)
+        for key, (dtype, offset, shape) in self.layout.items():
+            torch.stack(stacks[key], out=_view(self.block, dtype, offset, shape))
+        rest = [{key: value for key, value in patch.items() if key not in stacks and key not in self.tensors}
+                for patch in patches]  # fmt: skip
         self.metadata = _dumps((keys if same_keys else None, traces, rest))
+        self._received = False
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_received"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _received=True)
 
     def unpack(self) -> list[dict]:
         """Return the patch dicts; their tensors are views into this pack's stacked tensors.
@@ -147,17 +156,61 @@ class PatchPack:
         Metadata values shared by all the patches (the file header) are shared objects, to be read, not
         modified; numeric NumPy values among them come back as tensors, as collation would make them.
         """
+        self._own_block()
         keys, traces, rest = pickle.loads(self.metadata)
         for shared, _, _ in traces.values():
             shared.update([(key, _collatable(value)) for key, value in shared.items()])
+        stacked = {key: _view(self.block, *where) for key, where in self.layout.items()} | self.tensors
         patches = []
         for index, others in enumerate(rest):
             patch = {}
             for key in keys or others:
-                if key in self.tensors:
-                    view = self.tensors[key][index]
+                if key in stacked:
+                    view = stacked[key][index]
                     patch[key] = view if key not in traces else _with_trace(view, traces[key], index)
                 else:
                     patch[key] = others[key]
             patches.append(patch)
         return patches
+
+    def _own_block(self) -> None:
+        """In the receiving process, copy a worker's block into ordinary memory and return it to the worker."""
+        if self.ticket is None or not self._received:
+            return
+        used = max((offset + _nbytes(dtype, shape) for dtype, offset, shape in self.layout.values()), default=0)
+        own = _plain_block(used)
+        _view(own, torch.uint8, 0, (used,)).copy_(_view(self.block, torch.uint8, 0, (used,)))
+        block, ticket, self.block, self.ticket = self.block, self.ticket, own, None
+        return_block(ticket, block)
+
+    def __del__(self) -> None:
+        ticket = getattr(self, "ticket", None)
+        if ticket is not None and getattr(self, "_received", False):  # dropped unread: the worker wants it back
+            return_block(ticket, self.block)
+
+
+_ALIGNMENT = 64
+
+
+def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def _layout(stacks: dict[str, list[torch.Tensor]]) -> tuple[dict, int]:
+    """Return each key's ``(dtype, byte offset, stacked shape)`` in one block, and the block's size in bytes."""
+    layout, offset = {}, 0
+    for key, values in stacks.items():
+        shape = (len(values), *values[0].shape)
+        layout[key] = (values[0].dtype, offset, shape)
+        offset += -(-_nbytes(values[0].dtype, shape) // _ALIGNMENT) * _ALIGNMENT
+    return layout, offset
+
+
+def _plain_block(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Return the tensor of ``dtype`` and ``shape`` that starts ``offset`` bytes into the bytes of ``block``."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return torch.empty(0, dtype=dtype).set_(block.untyped_storage(), offset // itemsize, shape)

@@ -1,0 +1,80 @@
+"""Workers' reusable shared-memory blocks: patches cross in them, are copied out, and the blocks come back."""
+
+from __future__ import annotations
+
+import pickle
+
+import torch
+
+from monai_patchqueue import UniformSamplerd
+from monai_patchqueue.data import shared_blocks
+from monai_patchqueue.data.background import BLOCKS_PER_WORKER, BackgroundTasks
+from monai_patchqueue.data.planner import EpochPlanner
+from monai_patchqueue.data.shared_blocks import BlockTicket, SharedBlocks, close_returns, open_returns
+from monai_patchqueue.data.subject_patches import SubjectPatches
+from monai_patchqueue.data.transport import PatchPack
+
+
+def _subjects(count: int) -> list[dict]:
+    return [{"image": torch.full((1, 8, 8, 8), float(i)), "label": torch.full((1, 8, 8, 8), i, dtype=torch.uint8)}
+            for i in range(count)]  # fmt: skip
+
+
+def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse_few_blocks():
+    subjects = _subjects(12)
+    work = SubjectPatches(subjects, UniformSamplerd(["image", "label"], 4))
+    background = BackgroundTasks(work, EpochPlanner([5] * 12, seed=0, shuffle_subjects=True), num_workers=2)
+    token = background._returns_token
+    try:
+        held = [(task.subject, patches) for _, (task, patches) in zip(range(36), background.results(epoch=0))]
+        mapped = [ticket for ticket in shared_blocks._mapped if ticket.token == token]
+    finally:
+        background.close()
+    assert len(held) == 36  # three epochs
+    for subject, patches in held:  # a reused block would have overwritten earlier subjects' patches
+        assert len(patches) == 5
+        for patch in patches:
+            assert torch.all(patch["image"] == subject) and torch.all(patch["label"] == subject)
+            assert not patch["image"].untyped_storage().is_shared()
+    assert 1 <= len(mapped) <= 2 * BLOCKS_PER_WORKER  # 36 subjects went through a handful of blocks
+    assert not [ticket for ticket in shared_blocks._mapped if ticket.token == token]  # unmapped at close
+
+
+def test_a_pack_dropped_unread_returns_its_block_and_an_unpacked_one_returns_it_once():
+    token, pipes = open_returns(1)
+    try:
+        blocks = SharedBlocks(pipes[0], capacity=2)
+
+        def take(nbytes):
+            block, index = blocks.take(nbytes)
+            return block, BlockTicket(token, 0, index)
+
+        patches = [{"image": torch.full((1, 2, 2), float(i))} for i in range(3)]
+        sent = PatchPack(patches, take)
+        dropped = pickle.loads(pickle.dumps(sent))  # as received from a worker
+        del sent  # the sender's copy returns nothing
+        assert pipes[0].empty()
+        del dropped
+        assert not pipes[0].empty()
+        received = pickle.loads(pickle.dumps(PatchPack(patches, take)))
+        assert received.ticket.block == 0  # block 0 came back and was reused
+        unpacked = received.unpack()
+        del received  # returned at unpack, not again when collected
+        assert blocks.take(1)[1] == 0 and pipes[0].empty()
+        assert [float(p["image"].sum()) for p in unpacked] == [0.0, 4.0, 8.0]
+    finally:
+        close_returns(token)
+
+
+def test_a_worker_with_every_block_out_takes_a_one_off_block_and_grows_a_freed_block_that_is_too_small():
+    token, pipes = open_returns(1)
+    try:
+        blocks = SharedBlocks(pipes[0], capacity=1)
+        small, index = blocks.take(10)
+        assert index == 0 and small.numel() == 2**20  # rounded up to a whole MiB
+        assert blocks.take(10)[1] is None
+        pipes[0].put(0)
+        large, index = blocks.take(3 * 2**20 + 1)
+        assert index == 0 and large.numel() == 4 * 2**20
+    finally:
+        close_returns(token)
