@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 
+import pytest
 import torch
 
 from monai_patchqueue import UniformSamplerd
@@ -36,6 +37,7 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
         for patch in patches:
             assert torch.all(patch["image"] == subject) and torch.all(patch["label"] == subject)
             assert not patch["image"].untyped_storage().is_shared()
+            assert patch["image"].untyped_storage().nbytes() == patch["image"].numel() * 4  # its own copy
     assert 1 <= len(mapped) <= 2 * BLOCKS_PER_WORKER  # 36 subjects went through a handful of blocks
     assert not [ticket for ticket in shared_blocks._mapped if ticket.token == token]  # unmapped at close
 
@@ -59,6 +61,8 @@ def test_a_pack_dropped_unread_returns_its_block_and_an_unpacked_one_returns_it_
         received = pickle.loads(pickle.dumps(PatchPack(patches, take)))
         assert received.ticket.block == 0  # block 0 came back and was reused
         unpacked = received.unpack()
+        with pytest.raises(RuntimeError, match="unpacked already"):
+            received.unpack()  # its block may hold another subject's patches by now
         del received  # returned at unpack, not again when collected
         assert blocks.take(1)[1] == 0 and pipes[0].empty()
         assert [float(p["image"].sum()) for p in unpacked] == [0.0, 4.0, 8.0]

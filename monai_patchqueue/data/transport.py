@@ -151,37 +151,37 @@ class PatchPack:
         self.__dict__.update(state, _received=True)
 
     def unpack(self) -> list[dict]:
-        """Return the patch dicts; their tensors are views into this pack's stacked tensors.
+        """Return the patch dicts.
 
-        Metadata values shared by all the patches (the file header) are shared objects, to be read, not
-        modified; numeric NumPy values among them come back as tensors, as collation would make them.
+        In the process that packed them, their tensors are views into this pack's stacked tensors. A pack
+        received from a worker copies each patch out of the worker's block (patch-sized copies, which the
+        memory allocator serves from memory it holds, where one block-sized copy would fault in fresh pages)
+        and hands the block back, so it can be unpacked once. Metadata values shared by all the patches (the
+        file header) are shared objects, to be read, not modified; numeric NumPy values among them come back
+        as tensors, as collation would make them.
         """
-        self._own_block()
+        if self.block is None:
+            raise RuntimeError("this PatchPack was unpacked already and its worker has reused its memory")
         keys, traces, rest = pickle.loads(self.metadata)
         for shared, _, _ in traces.values():
             shared.update([(key, _collatable(value)) for key, value in shared.items()])
         stacked = {key: _view(self.block, *where) for key, where in self.layout.items()} | self.tensors
+        copy_out = self._received and self.ticket is not None
         patches = []
         for index, others in enumerate(rest):
             patch = {}
             for key in keys or others:
                 if key in stacked:
                     view = stacked[key][index]
+                    view = view.clone() if copy_out and key in self.layout else view
                     patch[key] = view if key not in traces else _with_trace(view, traces[key], index)
                 else:
                     patch[key] = others[key]
             patches.append(patch)
+        if copy_out:
+            block, ticket, self.block, self.ticket = self.block, self.ticket, None, None
+            return_block(ticket, block)
         return patches
-
-    def _own_block(self) -> None:
-        """In the receiving process, copy a worker's block into ordinary memory and return it to the worker."""
-        if self.ticket is None or not self._received:
-            return
-        used = max((offset + _nbytes(dtype, shape) for dtype, offset, shape in self.layout.values()), default=0)
-        own = _plain_block(used)
-        _view(own, torch.uint8, 0, (used,)).copy_(_view(self.block, torch.uint8, 0, (used,)))
-        block, ticket, self.block, self.ticket = self.block, self.ticket, own, None
-        return_block(ticket, block)
 
     def __del__(self) -> None:
         ticket = getattr(self, "ticket", None)
