@@ -193,7 +193,7 @@ _ALIGNMENT = 64
 
 
 def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _layout(stacks: dict[str, list[torch.Tensor]]) -> tuple[dict, int]:
@@ -212,5 +212,4 @@ def _plain_block(nbytes: int) -> torch.Tensor:
 
 def _view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Return the tensor of ``dtype`` and ``shape`` that starts ``offset`` bytes into the bytes of ``block``."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return torch.empty(0, dtype=dtype).set_(block.untyped_storage(), offset // itemsize, shape)
+    return torch.empty(0, dtype=dtype).set_(block.untyped_storage(), offset // dtype.itemsize, shape)
