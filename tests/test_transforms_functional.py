@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import numpy as np
 import torch
+from hypothesis import given, settings
 from monai.data import MetaTensor
 
-from monai_patchqueue.transforms.functional import crop_patches, new_metatensor, shifted_affine, shifted_affines
+from monai_patchqueue.transforms.functional import (
+    contiguous_copy,
+    crop_patches,
+    new_metatensor,
+    shifted_affine,
+    shifted_affines,
+)
 
 
 def test_new_metatensor_matches_the_monai_constructor():
@@ -43,3 +51,30 @@ def test_patches_own_their_meta_arrays_and_trace():
     assert [op["class"] for op in second.applied_operations] == ["Earlier", "Crop"]
     assert second.applied_operations[-1]["extra_info"]["location"] == [4, 4, 4, 8, 8, 8]
     assert second.applied_operations[-1]["orig_size"] == (8, 8, 8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=2, max_size=5),
+    order_seed=st.integers(0, 10_000),
+    sliced=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.uint8, torch.int16, torch.float64]),
+)
+def test_contiguous_copy_equals_torch_copy_for_any_memory_order(shape, order_seed, sliced, dtype):
+    """Fortran-ordered views take the transposing path; every other layout torch's own copy."""
+    order = np.random.default_rng(order_seed).permutation(len(shape))
+    storage_shape = [shape[axis] + (2 if sliced else 0) for axis in order]
+    stored = torch.arange(int(np.prod(storage_shape))).reshape(storage_shape).to(dtype)
+    view = stored.permute(*np.argsort(order).tolist())
+    if sliced:
+        view = view[tuple(slice(1, 1 + size) for size in shape)]
+    copy = contiguous_copy(view)
+    assert copy.is_contiguous() and copy.shape == view.shape and copy.dtype == dtype
+    assert torch.equal(copy, view)
+    assert copy.untyped_storage().data_ptr() != stored.untyped_storage().data_ptr()
+
+
+def test_contiguous_copy_of_a_fortran_patch_takes_the_transposing_path():
+    fortran_volume = torch.arange(2 * 10 * 9 * 8, dtype=torch.float32).reshape(8, 9, 10, 2).permute(3, 2, 1, 0)
+    view = fortran_volume[:1, 2:7, 1:5, 3:8]
+    assert torch.equal(contiguous_copy(view), view.clone(memory_format=torch.contiguous_format))

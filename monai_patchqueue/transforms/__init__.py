@@ -1,8 +1,9 @@
-"""Patch samplers as MONAI array and dictionary transforms."""
+"""Patch samplers as MONAI array and dictionary transforms, and a memory-mapped NIfTI loader."""
 
 from .array import GridSampler, LabelSampler, PatchCropper, UniformSampler, WeightedSampler
 from .dictionary import GridSamplerd, LabelSamplerd, UniformSamplerd, WeightedSamplerd
 from .functional import LOCATION
+from .loading import LoadMappedNifti, LoadMappedNiftid
 
 __all__ = [
     "LOCATION",
@@ -10,6 +11,8 @@ __all__ = [
     "GridSamplerd",
     "LabelSampler",
     "LabelSamplerd",
+    "LoadMappedNifti",
+    "LoadMappedNiftid",
     "PatchCropper",
     "UniformSampler",
     "UniformSamplerd",

@@ -16,6 +16,7 @@ from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
 __all__ = [
     "LOCATION",
+    "contiguous_copy",
     "crop_patches",
     "location_slices",
     "new_metatensor",
@@ -102,6 +103,33 @@ def new_metatensor(data: torch.Tensor, meta: dict, applied_operations: list) -> 
     return out
 
 
+def contiguous_copy(view: torch.Tensor) -> torch.Tensor:
+    """Return a C-contiguous copy of ``view``; fast also when ``view`` is Fortran-ordered.
+
+    A NIfTI volume kept in its file's (Fortran) order, e.g. by :class:`~monai_patchqueue.LoadMappedNifti`,
+    gives patches whose last axis varies slowest in memory. torch copies such a view into C order one element
+    at a time across the whole patch (about 1 ms per MB). Here the patch is first copied in its own memory
+    order (contiguous runs), its slowest axis is moved last by one 2-D transpose, and the remaining axes are
+    reversed with runs along that last axis (about 0.35 ms per MB in all).
+
+    Example:
+        >>> fortran = torch.arange(24.0).reshape(4, 3, 2).permute(2, 1, 0)  # shape (2, 3, 4), Fortran order
+        >>> copy = contiguous_copy(fortran)
+        >>> copy.is_contiguous(), torch.equal(copy, fortran)
+        (True, True)
+    """
+    core = view.squeeze()  # the axes longer than 1, as a view
+    strides = list(core.stride())
+    if core.dim() < 3 or strides != sorted(strides):
+        return view.clone(memory_format=torch.contiguous_format)
+    count = core.dim()
+    in_memory_order = core.permute(*reversed(range(count))).contiguous()
+    slowest = in_memory_order.shape[0]
+    slowest_last = in_memory_order.reshape(slowest, -1).t().contiguous()  # torch's fast 2-D transpose
+    slowest_last = slowest_last.reshape(*in_memory_order.shape[1:], slowest)
+    return slowest_last.permute(*reversed(range(count - 1)), count - 1).contiguous().reshape(view.shape)
+
+
 def crop_patches(
     img: torch.Tensor | np.ndarray, locations: np.ndarray, trace: dict | None = None
 ) -> list[torch.Tensor]:
@@ -127,7 +155,7 @@ def crop_patches(
         tensor([1, 1, 3, 3])
     """
     data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
-    crops = [data[location_slices(location)].clone(memory_format=torch.contiguous_format) for location in locations]
+    crops = [contiguous_copy(data[location_slices(location)]) for location in locations]
     if not get_track_meta():
         return crops
     if isinstance(img, MetaTensor):

@@ -1,0 +1,153 @@
+"""Loading uncompressed NIfTI volumes as memory-mapped MetaTensors, for patch sampling.
+
+MONAI's ``LoadImage`` reads every voxel and makes a C-ordered copy of each (Fortran-ordered) NIfTI volume
+before any transform runs; for patch-based training that copy is most of the loading time of a ``.nii`` file,
+although a patch sampler then reads a few percent of the voxels. :class:`LoadMappedNifti` returns the same
+values and the same metadata as ``LoadImage(reader="NibabelReader")``, but the voxels stay in a copy-on-write
+memory map of the file: only the pages a transform touches are read, and writing to the tensor never changes
+the file. Compressed files (``.nii.gz``), scaled data (``scl_slope``/``scl_inter``), a requested ``dtype``
+other than the stored one and byte-swapped files cannot be mapped; they are read into memory as
+``LoadImage`` would, with the same values.
+
+Transforms that compute on every voxel (intensity scaling, resampling) read the whole volume anyway and gain
+nothing; the mapping pays off when the per-subject transform before sampling is cheap or crop-only. Use the
+``ensure_channel_first`` argument rather than a following ``EnsureChannelFirstd``, which makes a contiguous copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelReader
+from monai.data.utils import is_no_channel
+from monai.transforms import MapTransform, Transform
+from monai.transforms.io.array import switch_endianness
+from monai.utils import ImageMetaKey, MetaKeys, get_equivalent_dtype
+
+from .._checks import check_bool
+
+__all__ = ["LoadMappedNifti", "LoadMappedNiftid"]
+
+_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr", ".img.gz")
+
+
+class LoadMappedNifti(Transform):
+    """Load a NIfTI file as a MetaTensor whose voxels stay memory-mapped when the file allows it.
+
+    Values and metadata equal MONAI's ``LoadImage(reader="NibabelReader", dtype=dtype,
+    ensure_channel_first=ensure_channel_first, image_only=True)``; the tensor has the file's (Fortran) strides
+    instead of a C-contiguous copy. See the module docstring for when the voxels are read instead of mapped.
+
+    Args:
+        dtype: the output dtype (a numpy or torch dtype, or its name such as ``"uint8"``), as ``LoadImage``'s
+            ``dtype`` (default float32); None keeps the stored dtype.
+        ensure_channel_first: add a leading channel axis to a volume without one, as ``EnsureChannelFirst``.
+
+    Raises:
+        TypeError: ``dtype`` is not a dtype.
+        FileNotFoundError: the file does not exist (the message names it).
+        ValueError: the file name does not end in a NIfTI suffix.
+
+    Example:
+        >>> import tempfile, nibabel as nib
+        >>> path = Path(tempfile.mkdtemp()) / "volume.nii"
+        >>> nib.save(nib.Nifti1Image(np.arange(512, dtype=np.float32).reshape(8, 8, 8), np.eye(4)), path)
+        >>> volume = LoadMappedNifti(ensure_channel_first=True)(path)
+        >>> volume.shape, volume.dtype, float(volume[0, 1, 2, 3])
+        (torch.Size([1, 8, 8, 8]), torch.float32, 83.0)
+    """
+
+    def __init__(self, *, dtype: object = np.float32, ensure_channel_first: bool = False) -> None:
+        self.dtype = None if dtype is None else _numpy_dtype(dtype)
+        self.ensure_channel_first = check_bool(ensure_channel_first, "ensure_channel_first")
+
+    def __call__(self, filename: str | os.PathLike) -> MetaTensor:
+        """Return the volume in ``filename`` as a MetaTensor, channel axis first if ``ensure_channel_first``."""
+        path = Path(filename)
+        if not path.name.endswith(_SUFFIXES):
+            raise ValueError(f"LoadMappedNifti reads NIfTI files ({', '.join(_SUFFIXES)}), but got {str(path)!r}")
+        if not path.exists():
+            raise FileNotFoundError(f"no such NIfTI file: {str(path)!r}")
+        reader = NibabelReader()  # nibabel maps uncompressed files copy-on-write by default
+        array, meta = reader.get_data(reader.read(path))
+        array = _native_with_dtype(np.asanyarray(array), self.dtype)
+        meta = switch_endianness(meta, "<")
+        meta[ImageMetaKey.FILENAME_OR_OBJ] = str(filename)
+        volume = MetaTensor(torch.from_numpy(array), meta=meta)
+        volume.affine = meta[MetaKeys.AFFINE]
+        if self.ensure_channel_first:
+            volume = _channel_first(volume)
+        return volume
+
+
+def _numpy_dtype(dtype: object) -> np.dtype:
+    try:
+        return np.dtype(get_equivalent_dtype(dtype, np.ndarray))
+    except TypeError as error:
+        raise TypeError(f"`dtype` should be a numpy or torch dtype or its name, but got dtype={dtype!r}") from error
+
+
+def _native_with_dtype(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    """Return ``array`` unchanged (still mapped) when it already has ``dtype`` in native byte order, else a copy."""
+    target = array.dtype.newbyteorder("=") if dtype is None else dtype
+    if array.dtype == target and array.dtype.isnative:
+        return array
+    return array.astype(target, order="K")
+
+
+def _channel_first(volume: MetaTensor) -> MetaTensor:
+    """Move or add the channel axis as ``EnsureChannelFirst`` does, as a view of the mapped voxels.
+
+    (``EnsureChannelFirst`` itself returns a C-contiguous copy, which would read the whole volume.)
+    """
+    channel_dim = volume.meta.get(MetaKeys.ORIGINAL_CHANNEL_DIM, float("nan"))
+    return volume.unsqueeze(0) if is_no_channel(channel_dim) else volume.movedim(int(channel_dim), 0)
+
+
+class LoadMappedNiftid(MapTransform):
+    """Dictionary version of :class:`LoadMappedNifti`: replace each key's file path by its (mapped) volume.
+
+    Args:
+        keys: the keys holding NIfTI file paths.
+        dtype: the output dtype for every key, as ``LoadImaged``'s (default float32); None keeps the stored one.
+        ensure_channel_first: add a leading channel axis to volumes without one.
+        allow_missing_keys: skip keys missing from the data instead of raising a KeyError.
+
+    A key that fails to load raises with the key and the file in the message.
+
+    Example:
+        >>> import tempfile, nibabel as nib
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), folder / "image.nii")
+        >>> nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), folder / "label.nii")
+        >>> load = LoadMappedNiftid(["image", "label"], dtype=None, ensure_channel_first=True)
+        >>> subject = load({"image": folder / "image.nii", "label": folder / "label.nii"})
+        >>> subject["image"].dtype, subject["label"].dtype, tuple(subject["label"].shape)
+        (torch.float32, torch.uint8, (1, 8, 8, 8))
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        *,
+        dtype: object = np.float32,
+        ensure_channel_first: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadMappedNifti(dtype=dtype, ensure_channel_first=ensure_channel_first)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        """Return a copy of ``data`` with each key's path replaced by its volume."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            try:
+                d[key] = self.loader(d[key])
+            except (OSError, ValueError) as error:
+                raise type(error)(f"key {key!r}: {error}") from error
+        return d
