@@ -11,6 +11,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 
 from monai_patchqueue import LabelSamplerd, LoadMappedNifti, LoadMappedNiftid, PatchQueueDataset
+from monai_patchqueue.transforms.loading import _with_voxels_from_itk
 
 GENERATOR = np.random.default_rng(0)
 AFFINE = np.array([[0.0, -2.0, 0.0, 10.0], [1.5, 0.0, 0.0, -20.0], [0.0, 0.0, 3.0, 5.0], [0.0, 0.0, 0.0, 1.0]])
@@ -156,3 +157,18 @@ def test_the_queue_streams_the_same_patches_from_mapped_files_in_two_workers(nii
     assert len(received) == len(expected) == 12
     for (location, image, label), (location_ref, image_ref, label_ref) in zip(received, expected):
         assert location == location_ref and torch.equal(image, image_ref) and torch.equal(label, label_ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "from_itk"),
+    [("float32", True), ("uint8", True), ("big_endian", True), ("scaled_int16", False), ("channels", False)],
+)
+def test_compressed_files_take_their_voxels_from_itk_unless_scaled_or_not_3d(tmp_path, name, from_itk):
+    path = save(tmp_path, name, ".nii.gz")
+    image = nib.load(path)
+    result = _with_voxels_from_itk(image, path)
+    assert (result is not image) == from_itk
+    if from_itk:
+        voxels = np.asanyarray(result.dataobj)
+        assert type(voxels.base).__name__ == "NDArrayITKBase" and voxels.flags.f_contiguous
+        assert np.array_equal(voxels, np.asanyarray(image.dataobj)) and result.header == image.header

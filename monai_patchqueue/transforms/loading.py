@@ -1,25 +1,33 @@
-"""Loading uncompressed NIfTI volumes as memory-mapped MetaTensors, for patch sampling.
+"""Loading NIfTI volumes for patch sampling without MONAI's whole-volume C-ordered copy.
 
 MONAI's ``LoadImage`` reads every voxel and makes a C-ordered copy of each (Fortran-ordered) NIfTI volume
-before any transform runs; for patch-based training that copy is most of the loading time of a ``.nii`` file,
-although a patch sampler then reads a few percent of the voxels. :class:`LoadMappedNifti` returns the same
-values and the same metadata as ``LoadImage(reader="NibabelReader")``, but the voxels stay in a copy-on-write
-memory map of the file: only the pages a transform touches are read, and writing to the tensor never changes
-the file. Compressed files (``.nii.gz``), scaled data (``scl_slope``/``scl_inter``), a requested ``dtype``
-other than the stored one and byte-swapped files cannot be mapped; they are read into memory as
-``LoadImage`` would, with the same values.
+before any transform runs; for patch-based training that copy is a large part of the loading time, although a
+patch sampler then reads a few percent of the voxels. :class:`LoadMappedNifti` returns the same values and the
+same metadata as ``LoadImage(reader="NibabelReader")``, with the voxels in the file's order:
 
+- an uncompressed ``.nii`` stays in a copy-on-write memory map of the file: only the pages a transform touches
+  are read, and writing to the tensor never changes the file (about 1 ms instead of about 60 ms for 23 MB);
+- a ``.nii.gz`` is decompressed by ITK (about twice as fast as nibabel) into memory, without the copy (about
+  45 ms instead of about 75 ms with ``LoadImage(reader="ITKReader")``);
+- scaled data (``scl_slope``/``scl_inter``), a requested ``dtype`` other than the stored one, byte-swapped
+  ``.nii`` files and images ITK reads differently (e.g. 4-D) are read by nibabel and converted as ``LoadImage``
+  would, with the same values.
+
+Patches cut from such a volume are copied into C order by the samplers (:func:`.functional.contiguous_copy`).
 Transforms that compute on every voxel (intensity scaling, resampling) read the whole volume anyway and gain
-nothing; the mapping pays off when the per-subject transform before sampling is cheap or crop-only. Use the
+little; the loader pays off when the per-subject transform before sampling is cheap or crop-only. Use the
 ``ensure_channel_first`` argument rather than a following ``EnsureChannelFirstd``, which makes a contiguous copy.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
+import itk
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
@@ -41,7 +49,8 @@ class LoadMappedNifti(Transform):
 
     Values and metadata equal MONAI's ``LoadImage(reader="NibabelReader", dtype=dtype,
     ensure_channel_first=ensure_channel_first, image_only=True)``; the tensor has the file's (Fortran) strides
-    instead of a C-contiguous copy. See the module docstring for when the voxels are read instead of mapped.
+    instead of a C-contiguous copy. An uncompressed ``.nii`` stays memory-mapped, a ``.nii.gz`` is decompressed
+    by ITK; see the module docstring for the cases read as ``LoadImage`` reads them.
 
     Args:
         dtype: the output dtype (a numpy or torch dtype, or its name such as ``"uint8"``), as ``LoadImage``'s
@@ -74,7 +83,10 @@ class LoadMappedNifti(Transform):
         if not path.exists():
             raise FileNotFoundError(f"no such NIfTI file: {str(path)!r}")
         reader = NibabelReader()  # nibabel maps uncompressed files copy-on-write by default
-        array, meta = reader.get_data(reader.read(path))
+        image = reader.read(path)
+        if path.name.endswith(".nii.gz"):
+            image = _with_voxels_from_itk(image, path)
+        array, meta = reader.get_data(image)
         array = _native_with_dtype(np.asanyarray(array), self.dtype)
         meta = switch_endianness(meta, "<")
         meta[ImageMetaKey.FILENAME_OR_OBJ] = str(filename)
@@ -83,6 +95,25 @@ class LoadMappedNifti(Transform):
         if self.ensure_channel_first:
             volume = _channel_first(volume)
         return volume
+
+
+def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
+    """Return ``image`` (same header and affine) holding its voxels decompressed by ITK, in file order.
+
+    Only for unscaled 2-D or 3-D images that ITK reads with the stored dtype and shape; otherwise ``image``
+    unchanged (nibabel then reads it).
+    """
+    proxy = image.dataobj
+    if not (nib.arrayproxy.is_proxy(proxy) and proxy.slope == 1 and proxy.inter == 0 and len(image.shape) in (2, 3)):
+        return image
+    with warnings.catch_warnings():
+        # ITK loads its SWIG modules lazily, on the first read; their import raises DeprecationWarnings, which
+        # under warnings-as-errors abort the import inside C code and crash the process
+        warnings.simplefilter("ignore", DeprecationWarning)
+        voxels = itk.array_view_from_image(itk.imread(os.fspath(path))).T  # C order reversed: file order
+    if voxels.shape != image.shape or voxels.dtype != image.get_data_dtype().newbyteorder("="):
+        return image
+    return image.__class__(voxels, image.affine, image.header)
 
 
 def _numpy_dtype(dtype: object) -> np.dtype:
