@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImage, LoadImaged
 
 from monai_patchqueue import LabelSamplerd, LoadMappedNifti, LoadMappedNiftid, PatchQueueDataset
@@ -172,3 +173,34 @@ def test_compressed_files_take_their_voxels_from_itk_unless_scaled_or_not_3d(tmp
         voxels = np.asanyarray(result.dataobj)
         assert type(voxels.base).__name__ == "NDArrayITKBase" and voxels.flags.f_contiguous
         assert np.array_equal(voxels, np.asanyarray(image.dataobj)) and result.header == image.header
+
+
+def test_a_bundle_config_builds_the_loader_with_a_dtype_name(tmp_path):
+    path = save(tmp_path, "uint8", ".nii")
+    config = {
+        "load": {
+            "_target_": "monai_patchqueue.LoadMappedNiftid",
+            "keys": ["label"],
+            "dtype": "uint8",
+            "ensure_channel_first": True,
+        }
+    }
+    parser = ConfigParser(config)
+    subject = parser.get_parsed_content("load")({"label": str(path)})
+    assert subject["label"].dtype == torch.uint8 and subject["label"].shape == (1, 7, 8, 9)
+
+
+def test_an_analyze_style_pair_loads_as_monai_loads_it(tmp_path):
+    array = VOLUMES["float32"][0]
+    nib.save(nib.Nifti1Pair(array, AFFINE), tmp_path / "pair.img")
+    expected = LoadImage(reader="NibabelReader", image_only=True)(tmp_path / "pair.img")
+    loaded = LoadMappedNifti()(tmp_path / "pair.img")
+    assert torch.equal(loaded.as_tensor(), expected.as_tensor()) and loaded.meta.keys() == expected.meta.keys()
+    assert loaded.stride() == (1, 7, 56)  # mapped in file order
+
+
+def test_a_list_of_files_is_refused_naming_the_argument_and_the_key(tmp_path):
+    with pytest.raises(TypeError, match=r"filename.*list"):
+        LoadMappedNifti()([tmp_path / "a.nii", tmp_path / "b.nii"])
+    with pytest.raises(TypeError, match=r"key 'image'.*filename.*list"):
+        LoadMappedNiftid("image")({"image": [tmp_path / "a.nii"]})

@@ -58,7 +58,8 @@ class LoadMappedNifti(Transform):
         ensure_channel_first: add a leading channel axis to a volume without one, as ``EnsureChannelFirst``.
 
     Raises:
-        TypeError: ``dtype`` is not a dtype.
+        TypeError: ``dtype`` is not a dtype, or ``filename`` is not one path (multi-file stacking as in
+            ``LoadImage`` is not supported).
         FileNotFoundError: the file does not exist (the message names it).
         ValueError: the file name does not end in a NIfTI suffix.
 
@@ -77,6 +78,9 @@ class LoadMappedNifti(Transform):
 
     def __call__(self, filename: str | os.PathLike) -> MetaTensor:
         """Return the volume in ``filename`` as a MetaTensor, channel axis first if ``ensure_channel_first``."""
+        if not isinstance(filename, (str, os.PathLike)):
+            kind = type(filename).__name__
+            raise TypeError(f"`filename` should be the path of one NIfTI file, but got a {kind}: {filename!r:.200}")
         path = Path(filename)
         if not path.name.endswith(_SUFFIXES):
             raise ValueError(f"LoadMappedNifti reads NIfTI files ({', '.join(_SUFFIXES)}), but got {str(path)!r}")
@@ -179,6 +183,15 @@ class LoadMappedNiftid(MapTransform):
         for key in self.key_iterator(d):
             try:
                 d[key] = self.loader(d[key])
-            except (OSError, ValueError) as error:
-                raise type(error)(f"key {key!r}: {error}") from error
+            except (OSError, TypeError, ValueError) as error:
+                raise _naming_key(error, key) from error
         return d
+
+
+def _naming_key(error: Exception, key: Hashable) -> Exception:
+    """Return an exception of ``error``'s type whose message starts with ``key``, or ``error`` itself when its
+    type cannot be built from a message alone."""
+    try:
+        return type(error)(f"key {key!r}: {error}")
+    except Exception:
+        return error
