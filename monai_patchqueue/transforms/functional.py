@@ -125,9 +125,24 @@ def contiguous_copy(view: torch.Tensor) -> torch.Tensor:
     count = core.dim()
     in_memory_order = core.permute(*reversed(range(count))).contiguous()
     slowest = in_memory_order.shape[0]
-    slowest_last = in_memory_order.reshape(slowest, -1).t().contiguous()  # torch's fast 2-D transpose
+    slowest_last = _transposed(in_memory_order.reshape(slowest, -1))
     slowest_last = slowest_last.reshape(*in_memory_order.shape[1:], slowest)
     return slowest_last.permute(*reversed(range(count - 1)), count - 1).contiguous().reshape(view.shape)
+
+
+def _transposed(matrix: torch.Tensor) -> torch.Tensor:
+    """Return the C-contiguous transpose of a C-contiguous 2-D tensor.
+
+    torch transposes 4- and 8-byte elements fast and single bytes slowly; a byte matrix whose row count is a
+    multiple of 8 is transposed as 8-byte words, each holding 8 consecutive rows of one column (~40% faster).
+    """
+    rows, columns = matrix.shape
+    if matrix.element_size() != 1 or rows % 8:
+        return matrix.t().contiguous()
+    dense = torch.contiguous_format  # canonical strides even where size-1 axes make a view "contiguous"
+    words = matrix.reshape(rows // 8, 8, columns).transpose(1, 2).clone(memory_format=dense).view(torch.int64)
+    transposed_words = words.reshape(rows // 8, columns).t().clone(memory_format=dense)
+    return transposed_words.view(matrix.dtype).reshape(columns, rows)
 
 
 def crop_patches(
