@@ -26,7 +26,6 @@ import warnings
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
-import itk
 import nibabel as nib
 import numpy as np
 import torch
@@ -110,6 +109,8 @@ def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image
     proxy = image.dataobj
     if not (nib.arrayproxy.is_proxy(proxy) and proxy.slope == 1 and proxy.inter == 0 and len(image.shape) in (2, 3)):
         return image
+    import itk  # here, not at the top: importing ITK takes ~0.5 s, which every importer of the package would pay
+
     with warnings.catch_warnings():
         # ITK loads its SWIG modules lazily, on the first read; their import raises DeprecationWarnings, which
         # under warnings-as-errors abort the import inside C code and crash the process
