@@ -10,7 +10,8 @@ and is closed; the contenders take turns, round after round. The load-bound ceil
 monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decompressed by ITK, no C-ordered
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
 
-    python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0]   # writes benchmarks/results/queue*.md
+    python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0] [--formats .nii] [--samplers uniform]
+    # writes benchmarks/results/queue*.md (queue*_partial.md for a subset of formats or samplers)
 
 With ``--step-ms 50`` the consumer sleeps 50 ms per batch (a simulated training step) and the table reports the
 fraction of the epoch's wall time the consumer spent waiting for data after its first batch.
@@ -19,6 +20,7 @@ fraction of the epoch's wall time the consumer spent waiting for data after its 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +47,8 @@ BATCH = 8
 WORKERS = 2
 EPOCHS = 2
 KEYS = ["image", "label"]
+FORMATS = (".nii.gz", ".nii")
+SAMPLERS = ("label", "uniform")
 WITH_LOADIMAGED = "monai_patchqueue with LoadImaged"
 RESULTS = Path(__file__).parent / "results"
 
@@ -173,8 +177,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--step-ms", type=float, default=0.0)
     parser.add_argument("--data", type=Path, default=RESULTS / "queue_data")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
+    parser.add_argument(
+        "--torch-threads", type=int, default=1, help="torch's intra-op threads in this (the training) process"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.torch_threads)
     contenders = {
         "monai_patchqueue": ours_with_our_loader,
         WITH_LOADIMAGED: ours,
@@ -182,9 +191,9 @@ def main() -> None:
         "MONAI Dataset + crop": monai_dataset,
     }
     rows = []
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in args.formats:
         datalist, load = make_subjects(args.data, suffix), loader_for(suffix)
-        for sampler in ("label", "uniform"):
+        for sampler in args.samplers:
             rates: dict[str, list[float]] = {name: [] for name in contenders}
             waits: dict[str, list[float]] = {name: [] for name in contenders}
             ceilings, our_ceilings = [], []
@@ -207,7 +216,8 @@ def main() -> None:
 def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) -> None:
     lines = [
         f"patches/s over {EPOCHS} epochs after a warm-up, median of {args.repeats} rounds; "
-        f"simulated step {args.step_ms:g} ms per batch of {BATCH}",
+        f"simulated step {args.step_ms:g} ms per batch of {BATCH}; torch threads in the training process: "
+        f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})",
         "",
         "| data | sampler | ceiling: LoadImaged / ours | monai_patchqueue | (with LoadImaged) | TorchIO Queue "
         "| MONAI Dataset + crop | vs TorchIO (with LoadImaged) | vs ceiling: ours / LoadImaged (with LoadImaged) "
@@ -230,6 +240,10 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
     print(text)
     RESULTS.mkdir(exist_ok=True)
     suffix = f"_step{args.step_ms:g}ms" if args.step_ms else ""
+    if (tuple(args.formats), tuple(args.samplers)) != (FORMATS, SAMPLERS):  # a partial run keeps the full tables
+        suffix += "_partial"
+    if args.torch_threads != 1:
+        suffix += f"_threads{args.torch_threads}"
     (RESULTS / f"queue{suffix}.md").write_text(text + "\n")
 
 

@@ -82,3 +82,26 @@ def test_a_worker_with_every_block_out_takes_a_one_off_block_and_grows_a_freed_b
         assert index == 0 and large.numel() == 4 * 2**20
     finally:
         close_returns(token)
+
+
+def test_received_patches_are_copied_out_of_the_block_whatever_their_dtype():
+    token, pipes = open_returns(1)
+    try:
+        blocks = SharedBlocks(pipes[0], capacity=1)
+
+        def take(nbytes):
+            block, index = blocks.take(nbytes)
+            return block, BlockTicket(token, 0, index)
+
+        patches = [{"image": torch.rand(1, 4, 4), "probabilities": torch.rand(2, 4, 4).to(torch.bfloat16)}
+                   for _ in range(3)]  # fmt: skip
+        received = pickle.loads(pickle.dumps(PatchPack(patches, take)))
+        block = received.block
+        unpacked = received.unpack()
+        block.fill_(255)  # the worker writes its next subject into the block
+        for sent, got in zip(patches, unpacked):
+            for key in ("image", "probabilities"):
+                assert got[key].dtype == sent[key].dtype and torch.equal(got[key], sent[key])
+                assert not got[key].untyped_storage().is_shared()
+    finally:
+        close_returns(token)

@@ -19,6 +19,7 @@ from .schedule import SubjectTask
 from .shared_blocks import BlockTicket, SharedBlocks, close_returns, open_returns
 from .subject_patches import SubjectPatches
 from .transport import PatchPack
+from .worker_memory import keep_freed_memory
 
 __all__ = ["BackgroundTasks"]
 
@@ -102,6 +103,7 @@ class BackgroundTasks:
             collate_fn=_unchanged,
             persistent_workers=num_workers > 0,
             prefetch_factor=PREFETCH_PER_WORKER if num_workers > 0 else None,
+            worker_init_fn=keep_freed_memory if num_workers > 0 else None,
         )
         self._iterator: Iterator | None = None
         self._next: tuple | None = None

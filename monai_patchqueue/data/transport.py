@@ -98,6 +98,19 @@ def _stackable(values: list) -> bool:
     )
 
 
+def _copied(view: torch.Tensor) -> torch.Tensor:
+    """Return a copy of ``view`` made by one plain memory copy in this thread.
+
+    torch splits a copy this large across its intra-op threads, whose spinning afterwards (OpenMP's default
+    wait policy) took more CPU from the workers than the copy itself on a 2-core machine; NumPy copies in the
+    calling thread. Dtypes NumPy lacks (e.g. bfloat16) are cloned by torch.
+    """
+    try:
+        return torch.from_numpy(view.numpy().copy())
+    except TypeError:
+        return view.clone()
+
+
 def _with_trace(view: torch.Tensor, trace: tuple, index: int) -> MetaTensor:
     shared, own, operations = trace
     return new_metatensor(view, {**shared, **own[index]}, operations[index])
@@ -173,7 +186,7 @@ class PatchPack:
             for key in keys or others:
                 if key in stacked:
                     view = stacked[key][index]
-                    view = view.clone() if copy_out and key in self.layout else view
+                    view = _copied(view) if copy_out and key in self.layout else view
                     patch[key] = view if key not in traces else _with_trace(view, traces[key], index)
                 else:
                     patch[key] = others[key]

@@ -1,0 +1,52 @@
+"""Keep a worker process's freed memory for reuse instead of handing it back to the system after every subject.
+
+A worker cuts each subject's patches into fresh tensors (about 20 MiB for sixteen 64^3 image and label patches),
+packs them, and frees them; glibc then returns the freed top of its heap to the system (anything above its
+2 MiB trim threshold), so the next subject's patches fault in every page again: measured on the benchmark
+machine, a third of a worker's CPU time per patch. :func:`keep_freed_memory` raises glibc's trim threshold
+and pins its mmap threshold in the worker processes the queue owns, so that memory freed after one subject
+serves the next. A worker then holds on to the memory of its largest subject, which it needed anyway. The
+training process is left alone. On other C libraries (musl, macOS) nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+__all__ = ["keep_freed_memory"]
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
+TRIM_THRESHOLD_BYTES = 512 * 2**20
+"""Free memory a worker keeps at the top of its heap (glibc's default is 2 MiB, raised as chunks come and go)."""
+MMAP_THRESHOLD_BYTES = 32 * 2**20
+"""Allocations from this size on get their own mapping, returned on free (glibc's largest automatic value):
+volumes larger than this are not kept."""
+
+
+@functools.cache
+def _mallopt():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def keep_freed_memory(worker_id: int | None = None) -> bool:
+    """Have glibc keep this process's freed memory for reuse; return whether it could.
+
+    Meant as a DataLoader ``worker_init_fn`` for the queue's own workers (``worker_id`` is ignored).
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(range(4), num_workers=2, worker_init_fn=keep_freed_memory)
+    """
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    trimmed = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD_BYTES))
+    mapped = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD_BYTES))
+    return bool(trimmed and mapped)

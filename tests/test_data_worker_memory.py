@@ -1,0 +1,68 @@
+"""The queue's worker processes keep freed memory for the next subject instead of faulting it in again."""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from monai_patchqueue.data.background import BackgroundTasks
+from monai_patchqueue.data.worker_memory import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _mallopt, keep_freed_memory
+
+pytestmark = pytest.mark.skipif(_mallopt() is None, reason="glibc's mallopt is not available")
+
+
+class _FaultsPerSubject(torch.utils.data.Dataset):
+    """Each item cuts and frees a subject's worth of 1 MiB patches, and returns the page faults that took."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        patches = [torch.ones(2**18) for _ in range(32)]  # 32 MiB of fresh float32 tensors, all touched
+        del patches
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _faults(worker_init_fn) -> list[int]:
+    loader = DataLoader(_FaultsPerSubject(), batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)
+    return [int(faults) for faults in loader]
+
+
+def _returning(worker_id: int) -> None:
+    """glibc's settings in a fresh process (a forked worker inherits whatever its parent's allocations set)."""
+    for parameter in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD):
+        _mallopt()(parameter, ctypes.c_int(128 * 2**10))
+
+
+def _returning_then_kept(worker_id: int) -> None:
+    _returning(worker_id)
+    assert keep_freed_memory(worker_id)
+
+
+def test_a_worker_that_keeps_freed_memory_reuses_it_where_a_fresh_worker_faults_it_in_again():
+    pages = 32 * 2**20 // resource.getpagesize()
+    kept, fresh = _faults(_returning_then_kept), _faults(_returning)
+    assert kept[0] >= pages / 2  # the first subject faults its memory in either way
+    assert kept[-1] < pages / 10  # later subjects reuse it
+    assert min(fresh[1:]) > pages / 2  # glibc's defaults return it to the system after each subject
+
+
+def test_the_queue_starts_its_workers_with_it():
+    from monai_patchqueue import UniformSamplerd
+    from monai_patchqueue.data.planner import EpochPlanner
+    from monai_patchqueue.data.subject_patches import SubjectPatches
+
+    work = SubjectPatches([{"image": torch.zeros(1, 8, 8, 8)}], UniformSamplerd("image", 4))
+    with_workers = BackgroundTasks(work, EpochPlanner([2], seed=0, shuffle_subjects=False), num_workers=1)
+    in_process = BackgroundTasks(work, EpochPlanner([2], seed=0, shuffle_subjects=False), num_workers=0)
+    try:
+        assert with_workers._loader.worker_init_fn is keep_freed_memory
+        assert in_process._loader.worker_init_fn is None  # the training process is left alone
+    finally:
+        with_workers.close()
+        in_process.close()
