@@ -1,0 +1,70 @@
+"""CPU time per patch of PatchQueueDataset, split between the training process and the queue's workers.
+
+Same data and settings as ``bench_queue.py`` (it reuses that module's subjects and queue), one format and
+sampler per run. The training process is fresh: nothing large was allocated in it before the workers start, as
+in a training script that builds its queue first. With ``--default-worker-allocator`` the workers keep glibc's
+defaults instead of :func:`monai_patchqueue.data.worker_memory.keep_freed_memory`, to measure what that does.
+
+    python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
+        [--default-worker-allocator]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import bench_queue
+import torch
+
+from monai_patchqueue.data import background
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's live child processes (the queue's workers)."""
+    me, total, ticks = os.getpid(), 0.0, os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--format", choices=bench_queue.FORMATS, default=".nii")
+    parser.add_argument("--sampler", choices=bench_queue.SAMPLERS, default="uniform")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--default-worker-allocator", action="store_true")
+    parser.add_argument("--data", type=Path, default=bench_queue.RESULTS / "queue_data")
+    args = parser.parse_args()
+    torch.set_num_threads(args.torch_threads)
+    if args.default_worker_allocator:
+        background.keep_freed_memory = None  # read when the queue builds its worker pool
+    datalist = bench_queue.make_subjects(args.data, args.format)
+    contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None)
+    bench_queue.consume(contender.loader, 0.0)  # warm-up epoch: workers started, files in the page cache
+    wall, training, workers, patches = time.perf_counter(), time.process_time(), children_cpu_seconds(), 0
+    for _ in range(args.epochs):
+        patches += bench_queue.consume(contender.loader, 0.0)[0]
+    wall, training = time.perf_counter() - wall, time.process_time() - training
+    workers = children_cpu_seconds() - workers
+    contender.close()
+    allocator = "glibc defaults" if args.default_worker_allocator else "keep_freed_memory"
+    print(
+        f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}: "
+        f"{patches / wall:.0f} patches/s; CPU per patch {training / patches * 1e3:.2f} ms training process + "
+        f"{workers / patches * 1e3:.2f} ms workers = {(training + workers) / patches * 1e3:.2f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
