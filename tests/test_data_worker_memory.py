@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import resource
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,28 @@ def test_the_queue_starts_its_workers_with_it():
     finally:
         with_workers.close()
         in_process.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def test_workers_keeping_freed_memory_do_not_grow_over_epochs():
+    from monai.transforms import Compose, RandGaussianNoised, ScaleIntensityd
+
+    from monai_patchqueue import PatchQueueDataset, UniformSamplerd
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1, 40 + 4 * (i % 5), 48, 56 - 2 * (i % 3)) for i in range(10)]  # sizes vary: fragmentation
+    data = [{"image": torch.rand(shape, generator=generator)} for shape in shapes]
+    transform = Compose([ScaleIntensityd("image"), RandGaussianNoised("image", prob=1.0)])  # new volumes
+    sampler = UniformSamplerd("image", 24)
+    rss = []
+    with PatchQueueDataset(data, sampler, 16, 6, transform=transform, num_workers=2, seed=0) as queue:
+        for _ in range(12):
+            for _ in DataLoader(queue, batch_size=4):
+                pass
+            rss.append(sum(_rss_bytes(pid) for pid in queue.worker_pids))
+    growth = rss[-1] - rss[2]
+    leaked_patches = 9 * 10 * 6 * 4 * 24**3  # what keeping every patch of the epochs measured would add
+    assert growth < leaked_patches / 4, f"workers' RSS grew by {growth / 2**20:.1f} MiB: {rss}"
