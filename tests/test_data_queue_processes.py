@@ -166,6 +166,36 @@ def test_a_script_that_never_closes_its_queue_leaves_no_orphans(nifti_subjects, 
     assert wait_until_gone(report["pids"])
 
 
+_START_METHOD_SCRIPT = """
+import json, sys
+import torch
+import torch.multiprocessing as mp
+from monai_patchqueue import PatchQueueDataset, UniformSamplerd
+
+def stream(num_workers):
+    data = [{"image": torch.full((1, 12, 12, 12), float(i))} for i in range(5)]
+    with PatchQueueDataset(data, UniformSamplerd("image", 6), 8, 3, num_workers=num_workers, seed=4) as queue:
+        return [[int(p["image"][0, 0, 0, 0]), p["location"].tolist()] for _ in range(2) for p in queue]
+
+if __name__ == "__main__":  # spawned and forkserver children import this file again
+    mp.set_start_method(sys.argv[1], force=True)
+    print(json.dumps({"in_process": stream(0), "workers": stream(2)}))
+"""
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_workers_started_by_spawn_or_forkserver_serve_the_same_stream(start_method, tmp_path):
+    # macOS starts processes by spawn, and Python 3.14 on Linux by forkserver: the workers then get the
+    # queue's work by pickling, not by inheriting it
+    script = tmp_path / "start_method.py"
+    script.write_text(_START_METHOD_SCRIPT)
+    command = [sys.executable, str(script), start_method]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    streams = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(streams["workers"]) == 2 * 5 * 3
+    assert streams["workers"] == streams["in_process"]
+
+
 def test_the_queue_pickles_without_its_workers(nifti_subjects):
     import pickle
 

@@ -5,8 +5,9 @@ packs them, and frees them; glibc then returns the freed top of its heap to the 
 2 MiB trim threshold), so the next subject's patches fault in every page again: measured on the benchmark
 machine, a third of a worker's CPU time per patch. :func:`keep_freed_memory` raises glibc's trim threshold
 and pins its mmap threshold in the worker processes the queue owns, so that memory freed after one subject
-serves the next. A worker then holds on to the memory of its largest subject, which it needed anyway. The
-training process is left alone. On other C libraries (musl, macOS) nothing changes.
+serves the next. A worker then holds on to the memory its largest subject needed anyway (freed memory up to
+``TRIM_THRESHOLD_BYTES`` at the top of its heap; allocations from ``MMAP_THRESHOLD_BYTES`` on, such as large
+volumes, are still returned). The training process is left alone. On other C libraries (musl, macOS) nothing changes.
 """
 
 from __future__ import annotations
