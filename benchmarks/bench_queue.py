@@ -49,6 +49,8 @@ EPOCHS = 2
 KEYS = ["image", "label"]
 FORMATS = (".nii.gz", ".nii")
 SAMPLERS = ("label", "uniform")
+OUR_BATCHES = "thread"
+"""How our queue is read: "thread" (MONAI's ThreadDataLoader, collation in a thread) or "torch" (DataLoader)."""
 WITH_LOADIMAGED = "monai_patchqueue with LoadImaged"
 RESULTS = Path(__file__).parent / "results"
 
@@ -103,6 +105,8 @@ def ours(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
     queue = PatchQueueDataset(
         datalist, patch_sampler, MAX_LENGTH, SAMPLES_PER_VOLUME, transform=load, num_workers=WORKERS
     )
+    if OUR_BATCHES == "torch":
+        return Contender(DataLoader(queue, batch_size=BATCH), queue.close)
     return Contender(ThreadDataLoader(queue, batch_size=BATCH, buffer_size=2), queue.close)
 
 
@@ -182,8 +186,16 @@ def main() -> None:
     parser.add_argument(
         "--torch-threads", type=int, default=1, help="torch's intra-op threads in this (the training) process"
     )
+    parser.add_argument(
+        "--our-batches",
+        choices=("thread", "torch"),
+        default="thread",
+        help="read our queue through MONAI's ThreadDataLoader (default) or torch's DataLoader",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
+    global OUR_BATCHES
+    OUR_BATCHES = args.our_batches
     contenders = {
         "monai_patchqueue": ours_with_our_loader,
         WITH_LOADIMAGED: ours,
@@ -217,7 +229,8 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
     lines = [
         f"patches/s over {EPOCHS} epochs after a warm-up, median of {args.repeats} rounds; "
         f"simulated step {args.step_ms:g} ms per batch of {BATCH}; torch threads in the training process: "
-        f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')})",
+        f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); our queue read through "
+        f"{'torch DataLoader' if args.our_batches == 'torch' else 'MONAI ThreadDataLoader'}",
         "",
         "| data | sampler | ceiling: LoadImaged / ours | monai_patchqueue | (with LoadImaged) | TorchIO Queue "
         "| MONAI Dataset + crop | vs TorchIO (with LoadImaged) | vs ceiling: ours / LoadImaged (with LoadImaged) "
@@ -244,6 +257,8 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
         suffix += "_partial"
     if args.torch_threads != 1:
         suffix += f"_threads{args.torch_threads}"
+    if args.our_batches != "thread":
+        suffix += f"_{args.our_batches}_dataloader"
     (RESULTS / f"queue{suffix}.md").write_text(text + "\n")
 
 

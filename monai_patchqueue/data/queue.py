@@ -61,7 +61,9 @@ class PatchQueueDataset(IterableDataset):
     rank takes a disjoint share of the subjects and every rank yields the same number of patches.
 
     Iterate it with ``DataLoader(queue, batch_size=B)`` and ``num_workers=0`` (the queue has its own workers;
-    a DataLoader worker raises at the first iteration rather than duplicate patches). Creating a queue
+    a DataLoader worker raises at the first iteration rather than duplicate patches), or better with MONAI's
+    ``ThreadDataLoader(queue, batch_size=B, buffer_size=2)``, which receives and collates the next batches in
+    a thread while the training step runs instead of between steps. Creating a queue
     registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
     so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 
