@@ -11,7 +11,9 @@ monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decomp
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
 
     python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0] [--formats .nii] [--samplers uniform]
-    # writes benchmarks/results/queue*.md (queue*_partial.md for a subset of formats or samplers)
+        [--torch-threads 1] [--our-batches thread|torch]
+    # writes benchmarks/results/queue*.md; a subset of formats or samplers, or other threads or batches,
+    # writes its own file
 
 With ``--step-ms 50`` the consumer sleeps 50 ms per batch (a simulated training step) and the table reports the
 fraction of the epoch's wall time the consumer spent waiting for data after its first batch.
@@ -20,6 +22,7 @@ fraction of the epoch's wall time the consumer spent waiting for data after its 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -49,8 +52,6 @@ EPOCHS = 2
 KEYS = ["image", "label"]
 FORMATS = (".nii.gz", ".nii")
 SAMPLERS = ("label", "uniform")
-OUR_BATCHES = "thread"
-"""How our queue is read: "thread" (MONAI's ThreadDataLoader, collation in a thread) or "torch" (DataLoader)."""
 WITH_LOADIMAGED = "monai_patchqueue with LoadImaged"
 RESULTS = Path(__file__).parent / "results"
 
@@ -92,11 +93,12 @@ def mapped_loader() -> Compose:
     ])  # fmt: skip
 
 
-def ours_with_our_loader(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
-    return ours(datalist, sampler, mapped_loader())
+def ours_with_our_loader(datalist: list[dict], sampler: str, load: Compose, batches: str = "thread") -> Iterable:
+    return ours(datalist, sampler, mapped_loader(), batches)
 
 
-def ours(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
+def ours(datalist: list[dict], sampler: str, load: Compose, batches: str = "thread") -> Iterable:
+    """Our queue, read through MONAI's ThreadDataLoader (``batches="thread"``) or torch's DataLoader."""
     if sampler == "label":
         classes = {0: 1, 1: 1, 2: 1}
         patch_sampler = LabelSamplerd(KEYS, PATCH, "label", SAMPLES_PER_VOLUME, label_probabilities=classes)
@@ -105,7 +107,7 @@ def ours(datalist: list[dict], sampler: str, load: Compose) -> Iterable:
     queue = PatchQueueDataset(
         datalist, patch_sampler, MAX_LENGTH, SAMPLES_PER_VOLUME, transform=load, num_workers=WORKERS
     )
-    if OUR_BATCHES == "torch":
+    if batches == "torch":
         return Contender(DataLoader(queue, batch_size=BATCH), queue.close)
     return Contender(ThreadDataLoader(queue, batch_size=BATCH, buffer_size=2), queue.close)
 
@@ -194,11 +196,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
-    global OUR_BATCHES
-    OUR_BATCHES = args.our_batches
     contenders = {
-        "monai_patchqueue": ours_with_our_loader,
-        WITH_LOADIMAGED: ours,
+        "monai_patchqueue": functools.partial(ours_with_our_loader, batches=args.our_batches),
+        WITH_LOADIMAGED: functools.partial(ours, batches=args.our_batches),
         "TorchIO Queue": torchio_queue,
         "MONAI Dataset + crop": monai_dataset,
     }

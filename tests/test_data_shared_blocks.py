@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 
 import pytest
@@ -42,57 +43,54 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
     assert not [ticket for ticket in shared_blocks._mapped if ticket.token == token]  # unmapped at close
 
 
-def test_a_pack_dropped_unread_returns_its_block_and_an_unpacked_one_returns_it_once():
+@contextlib.contextmanager
+def one_worker_blocks(capacity: int):
+    """Yield ``(return pipe, blocks, take)`` for worker 0 of a fresh set of return pipes: ``take`` is what a
+    worker passes to :class:`PatchPack`."""
     token, pipes = open_returns(1)
+    blocks = SharedBlocks(pipes[0], capacity=capacity)
+
+    def take(nbytes):
+        block, index = blocks.take(nbytes)
+        return block, BlockTicket(token, 0, index)
+
     try:
-        blocks = SharedBlocks(pipes[0], capacity=2)
+        yield pipes[0], blocks, take
+    finally:
+        close_returns(token)
 
-        def take(nbytes):
-            block, index = blocks.take(nbytes)
-            return block, BlockTicket(token, 0, index)
 
+def test_a_pack_dropped_unread_returns_its_block_and_an_unpacked_one_returns_it_once():
+    with one_worker_blocks(capacity=2) as (pipe, blocks, take):
         patches = [{"image": torch.full((1, 2, 2), float(i))} for i in range(3)]
         sent = PatchPack(patches, take)
         dropped = pickle.loads(pickle.dumps(sent))  # as received from a worker
         del sent  # the sender's copy returns nothing
-        assert pipes[0].empty()
+        assert pipe.empty()
         del dropped
-        assert not pipes[0].empty()
+        assert not pipe.empty()
         received = pickle.loads(pickle.dumps(PatchPack(patches, take)))
         assert received.ticket.block == 0  # block 0 came back and was reused
         unpacked = received.unpack()
         with pytest.raises(RuntimeError, match="unpacked already"):
             received.unpack()  # its block may hold another subject's patches by now
         del received  # returned at unpack, not again when collected
-        assert blocks.take(1)[1] == 0 and pipes[0].empty()
+        assert blocks.take(1)[1] == 0 and pipe.empty()
         assert [float(p["image"].sum()) for p in unpacked] == [0.0, 4.0, 8.0]
-    finally:
-        close_returns(token)
 
 
 def test_a_worker_with_every_block_out_takes_a_one_off_block_and_grows_a_freed_block_that_is_too_small():
-    token, pipes = open_returns(1)
-    try:
-        blocks = SharedBlocks(pipes[0], capacity=1)
+    with one_worker_blocks(capacity=1) as (pipe, blocks, _):
         small, index = blocks.take(10)
         assert index == 0 and small.numel() == 2**20  # rounded up to a whole MiB
         assert blocks.take(10)[1] is None
-        pipes[0].put(0)
+        pipe.put(0)
         large, index = blocks.take(3 * 2**20 + 1)
         assert index == 0 and large.numel() == 4 * 2**20
-    finally:
-        close_returns(token)
 
 
 def test_received_patches_are_copied_out_of_the_block_whatever_their_dtype():
-    token, pipes = open_returns(1)
-    try:
-        blocks = SharedBlocks(pipes[0], capacity=1)
-
-        def take(nbytes):
-            block, index = blocks.take(nbytes)
-            return block, BlockTicket(token, 0, index)
-
+    with one_worker_blocks(capacity=1) as (_, _, take):
         patches = [{"image": torch.rand(1, 4, 4), "probabilities": torch.rand(2, 4, 4).to(torch.bfloat16)}
                    for _ in range(3)]  # fmt: skip
         received = pickle.loads(pickle.dumps(PatchPack(patches, take)))
@@ -103,5 +101,3 @@ def test_received_patches_are_copied_out_of_the_block_whatever_their_dtype():
             for key in ("image", "probabilities"):
                 assert got[key].dtype == sent[key].dtype and torch.equal(got[key], sent[key])
                 assert not got[key].untyped_storage().is_shared()
-    finally:
-        close_returns(token)
