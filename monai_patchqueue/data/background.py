@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from .planner import EpochPlanner
+from .receiver import Receiver
 from .schedule import SubjectTask
 from .shared_blocks import BlockTicket, SharedBlocks, close_returns, open_returns
 from .subject_patches import SubjectPatches
@@ -25,6 +26,8 @@ __all__ = ["BackgroundTasks"]
 
 PREFETCH_PER_WORKER = 2
 BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
+RECEIVED_AHEAD = 1
+"""Unpacked results waiting for the consumer in the training process (one more is being unpacked)."""
 
 
 def _unchanged(result):
@@ -55,11 +58,6 @@ class _PackedWork(torch.utils.data.Dataset):
             self._blocks = SharedBlocks(self.returns[self._worker], capacity=BLOCKS_PER_WORKER)
         block, index = self._blocks.take(nbytes)
         return block, None if index is None else BlockTicket(self.token, self._worker, index)
-
-
-def _unpacked(results: Iterator) -> Iterator[tuple[SubjectTask, list[dict]]]:
-    for task, pack in results:
-        yield task, pack.unpack()
 
 
 class _TaskStream:
@@ -106,14 +104,19 @@ class BackgroundTasks:
             worker_init_fn=keep_freed_memory if num_workers > 0 else None,
         )
         self._iterator: Iterator | None = None
+        self._receiver: Receiver | None = None  # with workers: unpacks self._iterator's results ahead
         self._next: tuple | None = None
 
     def start(self, epoch: int) -> None:
         """Have the workers work on ``epoch`` from its start, keeping work already started for it."""
         position = (epoch, self.planner.rank_and_size())
         if self._iterator is None or self._next != position:
+            if self._receiver is not None:
+                self._receiver.stop()  # before the iterator is reset under it
             self._stream.first_epoch = epoch
             self._iterator = iter(self._loader)
+            if self.num_workers > 0:
+                self._receiver = Receiver(self._iterator, ahead=RECEIVED_AHEAD)
         self._next = position
 
     def results(self, epoch: int) -> Iterator[tuple[SubjectTask, list[dict]]]:
@@ -123,7 +126,7 @@ class BackgroundTasks:
         """
         self.start(epoch)
         self._next = None
-        return _unpacked(self._iterator) if self.num_workers > 0 else self._iterator
+        return iter(self._receiver.next, None) if self._receiver is not None else self._iterator
 
     def finished(self, epoch: int) -> None:
         """Record that every task of ``epoch`` was consumed, so the next epoch's work in flight is kept."""
@@ -132,6 +135,9 @@ class BackgroundTasks:
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
         iterator, self._iterator = self._iterator, None
+        receiver, self._receiver = self._receiver, None
+        if receiver is not None:  # without waiting: a result it waits for may never come; it ends once the
+            receiver.stop(wait=False)  # workers are gone
         self._next = None
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:

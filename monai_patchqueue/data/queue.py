@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .._checks import check_bool, check_positive_int
-from .background import PREFETCH_PER_WORKER, BackgroundTasks
+from .background import PREFETCH_PER_WORKER, RECEIVED_AHEAD, BackgroundTasks
 from .buffer import PatchBuffer
 from .planner import EpochPlanner
 from .schedule import SubjectTask, epoch_generator
@@ -74,7 +74,7 @@ class PatchQueueDataset(IterableDataset):
             ``RandWeightedCropd``, ``RandCropByLabelClassesd``, ``RandCropByPosNegLabeld``. Entries it does not
             crop are left out of the patches (list every array you need in its ``keys``).
         max_length: most patches held in the buffer (patches in flight add at most
-            ``2 * num_workers`` subjects' worth).
+            ``2 * num_workers + 2`` subjects' worth with workers; see :attr:`max_patches_held`).
         samples_per_volume: patches per subject and epoch, whatever the sampler's ``num_samples``.
         transform: applied to each subject dict before sampling (loading, preprocessing, augmentation).
         patch_transform: applied to each patch dict after sampling.
@@ -278,8 +278,10 @@ class PatchQueueDataset(IterableDataset):
 
     @property
     def max_patches_held(self) -> int:
-        """Most patches held at once: the buffer plus the subjects in flight."""
-        return self.max_length + PREFETCH_PER_WORKER * self.num_workers * max(self.counts)
+        """Most patches held at once: the buffer plus the subjects in flight (with workers: in the workers, and
+        received ahead in this process)."""
+        in_flight = PREFETCH_PER_WORKER * self.num_workers + RECEIVED_AHEAD + 1 if self.num_workers else 0
+        return self.max_length + in_flight * max(self.counts)
 
     def get_max_memory(self, subject: Mapping | None = None) -> int:
         """Return the most bytes the patches held by the queue can occupy, from one real patch.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import threading
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,7 @@ _MIB = 2**20
 _tokens = itertools.count()
 _returns: dict[int, list] = {}  # in the training process: token -> one return pipe per worker
 _mapped: dict[tuple, torch.Tensor] = {}  # in the training process: the blocks received, kept mapped
+_lock = threading.RLock()  # reentrant: a collected pack returns its block from wherever collection runs
 
 
 class BlockTicket(NamedTuple):
@@ -46,9 +48,10 @@ def open_returns(num_workers: int) -> tuple[int, list]:
 def close_returns(token: int) -> None:
     """Forget the pipes of ``token`` and unmap its blocks: blocks returned later are dropped (their workers are
     gone)."""
-    _returns.pop(token, None)
-    for ticket in [ticket for ticket in _mapped if ticket.token == token]:
-        del _mapped[ticket]
+    with _lock:
+        _returns.pop(token, None)
+        for ticket in [ticket for ticket in _mapped if ticket.token == token]:
+            del _mapped[ticket]
 
 
 def return_block(ticket: BlockTicket, block: torch.Tensor) -> None:
@@ -57,10 +60,11 @@ def return_block(ticket: BlockTicket, block: torch.Tensor) -> None:
     The block stays mapped here, so that receiving it again reuses the mapping (torch looks received shared
     memory up by its file before mapping it) instead of mapping and faulting in its pages anew.
     """
-    pipes = _returns.get(ticket.token)
-    if pipes is not None:
-        _mapped[ticket] = block
-        pipes[ticket.worker].put(ticket.block)
+    with _lock:  # the queue's receiver thread returns blocks while the training thread may close the pipes
+        pipes = _returns.get(ticket.token)
+        if pipes is not None:
+            _mapped[ticket] = block
+            pipes[ticket.worker].put(ticket.block)
 
 
 class SharedBlocks:
