@@ -62,8 +62,9 @@ class PatchQueueDataset(IterableDataset):
 
     Iterate it with ``DataLoader(queue, batch_size=B)`` and ``num_workers=0`` (the queue has its own workers;
     a DataLoader worker raises at the first iteration rather than duplicate patches), or better with MONAI's
-    ``ThreadDataLoader(queue, batch_size=B, buffer_size=2)``, which receives and collates the next batches in
-    a thread while the training step runs instead of between steps. Creating a queue
+    ``ThreadDataLoader(queue, batch_size=B, buffer_size=2)``, which collates the next batches in a thread while
+    the training step runs instead of between steps (with workers, a thread of the queue already receives and
+    unpacks their patches ahead). Creating a queue
     registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
     so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 

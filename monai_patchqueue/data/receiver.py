@@ -1,9 +1,9 @@
 """Receive the workers' results and unpack them in a thread of the training process, ahead of the consumer.
 
 Unpacking a subject's patches (mapping the worker's shared block, copying the patches out, rebuilding their
-metadata) costs about a millisecond per patch of 64^3 image and label on a loaded 2-core machine. Done when the
-buffer admits the subject, it ran on the training thread between training steps whenever the queue was read by
-torch's plain ``DataLoader``. :class:`Receiver` pulls results in order from the worker pool's iterator and
+metadata) costs about half a millisecond per patch of 64^3 image and label on a loaded 2-core machine. Done
+when the buffer admits the subject, it ran on the training thread between training steps whenever the queue was
+read by torch's plain ``DataLoader``. :class:`Receiver` pulls results in order from the worker pool's iterator and
 unpacks them in a daemon thread, keeping at most ``ahead`` unpacked results waiting; the consumer takes them
 in the same order, so the stream is unchanged. Failures (a subject that could not be prepared, a worker that
 died) reach the consumer in their place in the order.
