@@ -30,6 +30,17 @@ RECEIVED_AHEAD = 1
 """Unpacked results waiting for the consumer in the training process (one more is being unpacked)."""
 
 
+def subjects_in_flight(num_workers: int) -> int:
+    """Return the most subjects whose patches are held outside the queue's buffer: prefetched by the workers,
+    and received ahead in the training process (waiting, and the one being unpacked); none without workers.
+
+    Example:
+        >>> subjects_in_flight(0), subjects_in_flight(2)
+        (0, 6)
+    """
+    return PREFETCH_PER_WORKER * num_workers + RECEIVED_AHEAD + 1 if num_workers else 0
+
+
 def _unchanged(result):
     return result
 
@@ -136,8 +147,9 @@ class BackgroundTasks:
         """Stop the worker processes (idempotent)."""
         iterator, self._iterator = self._iterator, None
         receiver, self._receiver = self._receiver, None
-        if receiver is not None:  # without waiting: a result it waits for may never come; it ends once the
-            receiver.stop(wait=False)  # workers are gone
+        if receiver is not None:
+            # without waiting: a result it waits for may never come; it ends once the workers are gone
+            receiver.stop(wait=False)
         self._next = None
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .._checks import check_bool, check_positive_int
-from .background import PREFETCH_PER_WORKER, RECEIVED_AHEAD, BackgroundTasks
+from .background import BackgroundTasks, subjects_in_flight
 from .buffer import PatchBuffer
 from .planner import EpochPlanner
 from .schedule import SubjectTask, epoch_generator
@@ -281,8 +281,7 @@ class PatchQueueDataset(IterableDataset):
     def max_patches_held(self) -> int:
         """Most patches held at once: the buffer plus the subjects in flight (with workers: in the workers, and
         received ahead in this process)."""
-        in_flight = PREFETCH_PER_WORKER * self.num_workers + RECEIVED_AHEAD + 1 if self.num_workers else 0
-        return self.max_length + in_flight * max(self.counts)
+        return self.max_length + subjects_in_flight(self.num_workers) * max(self.counts)
 
     def get_max_memory(self, subject: Mapping | None = None) -> int:
         """Return the most bytes the patches held by the queue can occupy, from one real patch.
