@@ -137,15 +137,22 @@ def test_progress_bar(capsys):
     assert "GridInferer" in capsys.readouterr().err
 
 
-def test_sw_device_and_device_are_honoured():
+@pytest.mark.parametrize("overlap_mode", ["crop", "average", "hann", "gaussian"])
+def test_patches_run_on_sw_device_and_the_output_accumulates_on_device(overlap_mode):
+    """torch's "meta" device stands in for a GPU on CPU-only CI: every tensor records where it lives."""
     seen = []
 
-    def network(x):
-        seen.append(x.device)
-        return x
+    def network(patches):
+        seen.append(patches.device.type)
+        return torch.zeros(patches.shape)  # outputs come back on the CPU
 
-    output = GridInferer(4, sw_device="cpu", device="cpu")(torch.rand(1, 1, 8, 8), network)
-    assert all(d.type == "cpu" for d in seen) and output.device.type == "cpu"
+    image = torch.rand(1, 1, 8, 8, 8)
+    output = GridInferer(4, patch_overlap=2, overlap_mode=overlap_mode, sw_device="meta")(image, network)
+    assert set(seen) == {"meta"} and output.device.type == "cpu"  # the output stays on the input's device
+    seen.clear()
+    output = GridInferer(4, patch_overlap=2, overlap_mode=overlap_mode, device="meta")(image, network)
+    assert set(seen) == {"cpu"}  # the patches stay on the input's device
+    assert output.device.type == "meta" and tuple(output.shape) == (1, 1, 8, 8, 8)
 
 
 @pytest.mark.parametrize(

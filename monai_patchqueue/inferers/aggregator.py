@@ -58,8 +58,8 @@ def blend_window(overlap_mode: str, shape: Sequence[int], *, device: torch.devic
         return torch.ones(tuple(shape), device=device)
     if overlap_mode == "hann":
         return hann_window(shape, device=device)
-    if overlap_mode == "gaussian":
-        return compute_importance_map(tuple(shape), mode="gaussian", sigma_scale=0.125, device=device).float()
+    if overlap_mode == "gaussian":  # MONAI's map reads its minimum back: built on the CPU, then moved
+        return compute_importance_map(tuple(shape), mode="gaussian", sigma_scale=0.125, device="cpu").float().to(device)
     raise ValueError(f"no blending window for overlap_mode={overlap_mode!r}")
 
 
