@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from monai.data import MetaTensor
@@ -73,6 +74,21 @@ def test_contiguous_copy_equals_torch_copy_for_any_memory_order(shape, order_see
     assert copy.is_contiguous() and copy.shape == view.shape and copy.dtype == dtype
     assert torch.equal(copy, view)
     assert copy.untyped_storage().data_ptr() != stored.untyped_storage().data_ptr()
+    out = torch.full(view.shape, 7, dtype=dtype)
+    assert contiguous_copy(view, out) is out and torch.equal(out, view)  # written where the caller asked
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        (torch.empty(2, 3, 4), r"shape \(2, 3, 5\).*got a torch.float32 tensor of shape \(2, 3, 4\)"),
+        (torch.empty(2, 3, 5, dtype=torch.float64), "got a torch.float64 tensor"),
+        (torch.empty(5, 3, 2).permute(2, 1, 0), "got a non-contiguous torch.float32"),
+    ],
+)
+def test_contiguous_copy_refuses_an_out_tensor_it_cannot_fill(out, message):
+    with pytest.raises(ValueError, match=message):
+        contiguous_copy(torch.zeros(2, 3, 5), out)
 
 
 def test_contiguous_copy_of_a_fortran_patch_takes_the_transposing_path():

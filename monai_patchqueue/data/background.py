@@ -10,10 +10,12 @@ epoch's first subjects while the current epoch's last patches are consumed.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
+from .block_lender import BlockLender
 from .planner import EpochPlanner
 from .receiver import Receiver
 from .schedule import SubjectTask
@@ -47,7 +49,11 @@ def _unchanged(result):
 
 class _PackedWork(torch.utils.data.Dataset):
     """Runs the work in a worker process and packs the patches for the trip back (see :mod:`.transport`), into
-    the worker's reusable shared-memory blocks, which come back through ``returns[worker id]``."""
+    the worker's reusable shared-memory blocks, which come back through ``returns[worker id]``.
+
+    From the second subject on, the block is lent to the samplers before they cut the patches (see
+    :mod:`.block_lender`), sized for the previous subject's pack, so that patches are written where they travel.
+    """
 
     def __init__(self, work: SubjectPatches, token: int, returns: list) -> None:
         self.work = work
@@ -55,13 +61,30 @@ class _PackedWork(torch.utils.data.Dataset):
         self.returns = returns
         self._blocks: SharedBlocks | None = None
         self._worker = -1
+        self._last_nbytes = 0  # the previous pack's size: what the next subject will likely need
 
     def __len__(self) -> int:
         return len(self.work)
 
     def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, PatchPack]:
-        task, patches = self.work[task]
-        return task, PatchPack(patches, self._take_block)
+        lender = self._lender()
+        try:
+            task, patches = self.work.prepare(task, lender)
+            pack = PatchPack(patches, self._take_block, lender)
+        except BaseException:
+            if lender is not None:
+                lender.release()
+            raise
+        self._last_nbytes = pack.nbytes
+        return task, pack
+
+    def _lender(self) -> BlockLender | None:
+        if not self._last_nbytes:
+            return None
+        block, ticket = self._take_block(self._last_nbytes)
+        if ticket is None:  # every pooled block is out: a one-off block is no better than the pack's own
+            return None
+        return BlockLender(block, ticket, release=partial(self._blocks.give_back, ticket.block))
 
     def _take_block(self, nbytes: int) -> tuple[torch.Tensor, BlockTicket | None]:
         if self._blocks is None:

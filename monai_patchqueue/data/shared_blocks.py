@@ -21,9 +21,18 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["BlockTicket", "SharedBlocks", "close_returns", "open_returns", "return_block"]
+__all__ = [
+    "BlockTicket",
+    "SharedBlocks",
+    "aligned",
+    "block_view",
+    "close_returns",
+    "open_returns",
+    "return_block",
+]
 
 _MIB = 2**20
+_ALIGNMENT = 64  # bytes: every tensor laid out in a block starts on a cache line
 _tokens = itertools.count()
 _returns: dict[int, list] = {}  # in the training process: token -> one return pipe per worker
 _mapped: dict[tuple, torch.Tensor] = {}  # in the training process: the blocks received, kept mapped
@@ -111,6 +120,34 @@ class SharedBlocks:
             return _new_block(nbytes), None
         self._free.discard(index)
         return self._blocks[index], index
+
+    def give_back(self, index: int | None) -> None:
+        """Return block ``index`` (from :meth:`take`, unused after all) to the pool; None (a one-off) is dropped."""
+        if index is not None:
+            self._free.add(index)
+
+
+def aligned(nbytes: int) -> int:
+    """Round ``nbytes`` up to the alignment of the tensors in a block.
+
+    Example:
+        >>> aligned(1), aligned(64), aligned(65)
+        (64, 64, 128)
+    """
+    return -(-nbytes // _ALIGNMENT) * _ALIGNMENT
+
+
+def block_view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Return the tensor of ``dtype`` and ``shape`` that starts ``offset`` bytes into the bytes of ``block``.
+
+    Example:
+        >>> block = torch.zeros(128, dtype=torch.uint8)
+        >>> block_view(block, torch.float32, 64, (2, 3)).fill_(1.0).untyped_storage().data_ptr() == block.data_ptr()
+        True
+        >>> int(block[64:88].count_nonzero())  # six float32 ones: 24 bytes, two of them nonzero per float
+        12
+    """
+    return torch.empty(0, dtype=dtype).set_(block.untyped_storage(), offset // dtype.itemsize, shape)
 
 
 def _new_block(nbytes: int) -> torch.Tensor:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..transforms.patch_memory import PatchMemoryLender, patches_written_to
 from .schedule import SubjectTask
 
 __all__ = ["SubjectError", "SubjectPatches", "describe_subject", "patch_nbytes", "raw_entries", "set_sample_count"]
@@ -157,15 +159,20 @@ class SubjectPatches(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, list[dict]]:
+        return self.prepare(task)
+
+    def prepare(self, task: SubjectTask, lender: PatchMemoryLender | None = None) -> tuple[SubjectTask, list[dict]]:
+        """Return ``(task, patches)``; with a ``lender``, the samplers cut the patches into its memory (see
+        :mod:`monai_patchqueue.transforms.patch_memory`)."""
         try:
-            return task, self._patches(task)
+            return task, self._patches(task, lender)
         except Exception as error:
             cause = f"{type(error).__name__}: {error}"
             raise SubjectError(
                 f"PatchQueueDataset could not prepare {describe_subject(self.data, task.subject)}: {cause}"
             ) from error
 
-    def _patches(self, task: SubjectTask) -> list[dict]:
+    def _patches(self, task: SubjectTask, lender: PatchMemoryLender | None) -> list[dict]:
         transform_seed, sampler_seed, patch_seed = np.random.SeedSequence(task.seed).generate_state(3)
         subject = self.data[task.subject]
         if self.transform is not None:
@@ -177,7 +184,8 @@ class SubjectPatches(torch.utils.data.Dataset):
                 "put patch samplers in `sampler`, not in `transform`"
             )
         _seed(self.sampler, int(sampler_seed))
-        patches = [self._only_patches(patch, subject) for patch in self._sample(subject, task.count)]
+        with patches_written_to(lender) if lender is not None else nullcontext():
+            patches = [self._only_patches(patch, subject, lender) for patch in self._sample(subject, task.count)]
         if self.patch_transform is not None:
             _seed(self.patch_transform, int(patch_seed))
             patches = [self.patch_transform(patch) for patch in patches]
@@ -195,12 +203,13 @@ class SubjectPatches(torch.utils.data.Dataset):
         return patches[:count]
 
     @staticmethod
-    def _only_patches(patch: Mapping, subject: Mapping) -> dict:
+    def _only_patches(patch: Mapping, subject: Mapping, lender: PatchMemoryLender | None) -> dict:
         """Drop arrays the sampler passed through uncropped, and the queue's own ``num_samples`` entry; give
-        every cropped array its own storage."""
+        every cropped array its own storage (or leave it in the lender's memory)."""
         out = {}
         for key, value in patch.items():
             if key == NUM_SAMPLES or (isinstance(value, (torch.Tensor, np.ndarray)) and subject.get(key) is value):
                 continue
-            out[key] = _owned(value)
+            lent = lender is not None and isinstance(value, torch.Tensor) and lender.holds(value)
+            out[key] = value if lent else _owned(value)
         return out

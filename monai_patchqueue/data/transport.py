@@ -20,7 +20,8 @@ import torch
 from monai.data import MetaTensor
 
 from ..transforms.functional import new_metatensor
-from .shared_blocks import return_block
+from .block_lender import BlockLender
+from .shared_blocks import aligned, block_view, return_block
 
 __all__ = ["PatchPack"]
 
@@ -121,7 +122,10 @@ class PatchPack:
 
     The stacked tensors share one block of memory: in a worker process a shared-memory block from ``blocks``
     (see :mod:`.shared_blocks`), which crosses to the training process as a single storage; there,
-    :meth:`unpack` copies the patches out and returns the block to its worker.
+    :meth:`unpack` copies the patches out and returns the block to its worker. With a ``lender`` (see
+    :mod:`.block_lender`) the pack takes the lender's block: patches the samplers cut into it stay where they
+    are, the other entries are copied behind them; when they do not fit, the lender's block is released and
+    the pack takes one from ``blocks``.
 
     Example:
         >>> patches = [{"image": torch.full((1, 2, 2), float(i)), "id": i} for i in range(3)]
@@ -130,7 +134,9 @@ class PatchPack:
         [(0.0, 0), (4.0, 1), (8.0, 2)]
     """
 
-    def __init__(self, patches: list[Mapping], blocks: Callable[[int], tuple] | None = None) -> None:
+    def __init__(
+        self, patches: list[Mapping], blocks: Callable[[int], tuple] | None = None, lender: BlockLender | None = None
+    ) -> None:
         self.count = len(patches)
         keys = list(patches[0]) if patches else []
         same_keys = all(list(patch) == keys for patch in patches)
@@ -148,14 +154,31 @@ class PatchPack:
                 if isinstance(values[0], MetaTensor):
                     shared, own = _split_shared([value.meta for value in values])
                     traces[key] = (shared, own, [value.applied_operations for value in values])
-        self.layout, nbytes = _layout(stacks)
-        self.block, self.ticket = blocks(nbytes) if blocks is not None and stacks else (_plain_block(nbytes), None)
-        for key, (dtype, offset, shape) in self.layout.items():
-            torch.stack(stacks[key], out=_view(self.block, dtype, offset, shape))
+        in_place = self._take_block(stacks, blocks, lender)
+        self.copied_keys = tuple(key for key in self.layout if key not in in_place)  # the others were cut in place
+        for key in self.copied_keys:
+            torch.stack(stacks[key], out=block_view(self.block, *self.layout[key]))
         rest = [{key: value for key, value in patch.items() if key not in stacks and key not in self.tensors}
                 for patch in patches]  # fmt: skip
         self.metadata = _dumps((keys if same_keys else None, traces, rest))
         self._received = False
+
+    def _take_block(self, stacks: dict, blocks: Callable[[int], tuple] | None, lender: BlockLender | None) -> dict:
+        """Set the block, its ticket, the layout and its size in bytes; return the layout of the keys already in
+        place (cut into the lender's block), which need no copy."""
+        if lender is not None:
+            in_place = lender.placed(stacks)
+            rest, self.nbytes = _layout({key: stacks[key] for key in stacks if key not in in_place}, lender.nbytes)
+            if self.nbytes <= lender.block.numel():
+                self.layout, self.block, self.ticket = in_place | rest, lender.block, lender.ticket
+                return in_place
+            lender.release()
+        self.layout, self.nbytes = _layout(stacks)
+        if blocks is not None and stacks:
+            self.block, self.ticket = blocks(self.nbytes)
+        else:
+            self.block, self.ticket = _plain_block(self.nbytes), None
+        return {}
 
     def __getstate__(self) -> dict:
         return {name: value for name, value in self.__dict__.items() if name != "_received"}
@@ -178,7 +201,7 @@ class PatchPack:
         keys, traces, rest = pickle.loads(self.metadata)
         for shared, _, _ in traces.values():
             shared.update([(key, _collatable(value)) for key, value in shared.items()])
-        stacked = {key: _view(self.block, *where) for key, where in self.layout.items()} | self.tensors
+        stacked = {key: block_view(self.block, *where) for key, where in self.layout.items()} | self.tensors
         copy_out = self._received and self.ticket is not None
         patches = []
         for index, others in enumerate(rest):
@@ -202,27 +225,16 @@ class PatchPack:
             return_block(ticket, self.block)
 
 
-_ALIGNMENT = 64
-
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    return math.prod(shape) * dtype.itemsize
-
-
-def _layout(stacks: dict[str, list[torch.Tensor]]) -> tuple[dict, int]:
-    """Return each key's ``(dtype, byte offset, stacked shape)`` in one block, and the block's size in bytes."""
-    layout, offset = {}, 0
+def _layout(stacks: dict[str, list[torch.Tensor]], start: int = 0) -> tuple[dict, int]:
+    """Return each key's ``(dtype, byte offset, stacked shape)`` in one block from byte ``start`` on, and the
+    bytes used up to the end of the last."""
+    layout, offset = {}, aligned(start)
     for key, values in stacks.items():
         shape = (len(values), *values[0].shape)
         layout[key] = (values[0].dtype, offset, shape)
-        offset += -(-_nbytes(values[0].dtype, shape) // _ALIGNMENT) * _ALIGNMENT
+        offset = aligned(offset + math.prod(shape) * values[0].dtype.itemsize)
     return layout, offset
 
 
 def _plain_block(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
-
-
-def _view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Return the tensor of ``dtype`` and ``shape`` that starts ``offset`` bytes into the bytes of ``block``."""
-    return torch.empty(0, dtype=dtype).set_(block.untyped_storage(), offset // dtype.itemsize, shape)

@@ -14,6 +14,8 @@ from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
+from .patch_memory import new_patch_tensors
+
 __all__ = [
     "LOCATION",
     "contiguous_copy",
@@ -103,14 +105,19 @@ def new_metatensor(data: torch.Tensor, meta: dict, applied_operations: list) -> 
     return out
 
 
-def contiguous_copy(view: torch.Tensor) -> torch.Tensor:
-    """Return a C-contiguous copy of ``view``; fast also when ``view`` is Fortran-ordered.
+def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return a C-contiguous copy of ``view`` (written into ``out`` when given); fast also when ``view`` is
+    Fortran-ordered.
 
     A NIfTI volume kept in its file's (Fortran) order, e.g. by :class:`~monai_patchqueue.LoadMappedNifti`,
     gives patches whose last axis varies slowest in memory. torch copies such a view into C order one element
     at a time across the whole patch (about 1 ms per MB). Here the patch is first copied in its own memory
     order (contiguous runs), its slowest axis is moved last by one 2-D transpose, and the remaining axes are
-    reversed with runs along that last axis (about 0.35 ms per MB in all).
+    reversed with runs along that last axis, straight into ``out`` (about 0.35 ms per MB in all).
+
+    Args:
+        view: any tensor.
+        out: a C-contiguous tensor of ``view``'s shape and dtype to write into; None for a new one.
 
     Example:
         >>> fortran = torch.arange(24.0).reshape(4, 3, 2).permute(2, 1, 0)  # shape (2, 3, 4), Fortran order
@@ -118,16 +125,24 @@ def contiguous_copy(view: torch.Tensor) -> torch.Tensor:
         >>> copy.is_contiguous(), torch.equal(copy, fortran)
         (True, True)
     """
+    if out is None:
+        out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+    elif out.shape != view.shape or out.dtype != view.dtype or not out.is_contiguous():
+        raise ValueError(
+            f"`out` should be a contiguous {view.dtype} tensor of shape {tuple(view.shape)}, but got a "
+            f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} tensor of shape {tuple(out.shape)}"
+        )
     core = view.squeeze()  # the axes longer than 1, as a view
     strides = list(core.stride())
     if core.dim() < 3 or strides != sorted(strides):
-        return view.clone(memory_format=torch.contiguous_format)
+        return out.copy_(view)
     count = core.dim()
     in_memory_order = core.permute(*reversed(range(count))).contiguous()
     slowest = in_memory_order.shape[0]
     slowest_last = _transposed(in_memory_order.reshape(slowest, -1))
     slowest_last = slowest_last.reshape(*in_memory_order.shape[1:], slowest)
-    return slowest_last.permute(*reversed(range(count - 1)), count - 1).contiguous().reshape(view.shape)
+    out.view(core.shape).copy_(slowest_last.permute(*reversed(range(count - 1)), count - 1))
+    return out
 
 
 def _transposed(matrix: torch.Tensor) -> torch.Tensor:
@@ -150,6 +165,8 @@ def crop_patches(
 ) -> list[torch.Tensor]:
     """Return one contiguous copy of ``img`` per location.
 
+    The copies are tensors of their own, or slots of memory lent through :mod:`.patch_memory` (the patch
+    queue's workers write patches straight into the shared memory that carries them).
     With metadata tracking on (MONAI's default), each patch is a MetaTensor that carries a copy of ``img``'s
     meta with the affine shifted to the patch (:func:`shifted_affine`), ``meta["location"]`` (int64, starts
     then ends), and ``img``'s applied operations followed by ``trace`` (when given) completed with the original
@@ -170,7 +187,7 @@ def crop_patches(
         tensor([1, 1, 3, 3])
     """
     data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
-    crops = [contiguous_copy(data[location_slices(location)]) for location in locations]
+    crops = [contiguous_copy(view, out) for view, out in zip(*_views_and_targets(data, locations))]
     if not get_track_meta():
         return crops
     if isinstance(img, MetaTensor):
@@ -191,6 +208,15 @@ def crop_patches(
             patch_operations.append({**trace, TraceKeys.ORIG_SIZE: original_size, TraceKeys.EXTRA_INFO: extra})
         patches.append(new_metatensor(crop, patch_meta, patch_operations))
     return patches
+
+
+def _views_and_targets(data: torch.Tensor, locations: np.ndarray) -> tuple[list, list]:
+    """Return the crop views of ``data`` at ``locations`` and the tensors to copy them into, the latter as
+    consecutive slots of one stack from :func:`.patch_memory.new_patch_tensors` when the crops share a shape."""
+    views = [data[location_slices(location)] for location in locations]
+    if len({view.shape for view in views}) == 1:
+        return views, new_patch_tensors(len(views), views[0].shape, data.dtype, data.device)
+    return views, [None] * len(views)
 
 
 def restore_patch(patch: torch.Tensor, transform: dict) -> MetaTensor:
