@@ -154,7 +154,7 @@ class PatchPack:
                 if isinstance(values[0], MetaTensor):
                     shared, own = _split_shared([value.meta for value in values])
                     traces[key] = (shared, own, [value.applied_operations for value in values])
-        in_place = self._take_block(stacks, blocks, lender)
+        in_place = self._place(stacks, blocks, lender)
         self.copied_keys = tuple(key for key in self.layout if key not in in_place)  # the others were cut in place
         for key in self.copied_keys:
             torch.stack(stacks[key], out=block_view(self.block, *self.layout[key]))
@@ -163,7 +163,7 @@ class PatchPack:
         self.metadata = _dumps((keys if same_keys else None, traces, rest))
         self._received = False
 
-    def _take_block(self, stacks: dict, blocks: Callable[[int], tuple] | None, lender: BlockLender | None) -> dict:
+    def _place(self, stacks: dict, blocks: Callable[[int], tuple] | None, lender: BlockLender | None) -> dict:
         """Set the block, its ticket, the layout and its size in bytes; return the layout of the keys already in
         place (cut into the lender's block), which need no copy."""
         if lender is not None:
