@@ -167,6 +167,7 @@ def crop_patches(
 
     The copies are tensors of their own, or slots of memory lent through :mod:`.patch_memory` (the patch
     queue's workers write patches straight into the shared memory that carries them).
+
     With metadata tracking on (MONAI's default), each patch is a MetaTensor that carries a copy of ``img``'s
     meta with the affine shifted to the patch (:func:`shifted_affine`), ``meta["location"]`` (int64, starts
     then ends), and ``img``'s applied operations followed by ``trace`` (when given) completed with the original
