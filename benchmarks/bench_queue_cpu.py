@@ -3,10 +3,12 @@
 Same data and settings as ``bench_queue.py`` (it reuses that module's subjects and queue), one format and
 sampler per run. The training process is fresh: nothing large was allocated in it before the workers start, as
 in a training script that builds its queue first. With ``--default-worker-allocator`` the workers keep glibc's
-defaults instead of :func:`monai_patchqueue.data.worker_memory.keep_freed_memory`, to measure what that does.
+defaults instead of :func:`monai_patchqueue.keep_freed_memory`, to measure what that does; with
+``--keep-freed-memory`` the training process calls it too (as a training script may), which spares the
+collation of every batch from faulting in fresh pages.
 
     python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
-        [--default-worker-allocator]
+        [--default-worker-allocator] [--keep-freed-memory] [--step-ms 0] [--our-batches thread]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import bench_queue
 import torch
 
+from monai_patchqueue import keep_freed_memory
 from monai_patchqueue.data import background
 
 
@@ -44,24 +47,35 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--default-worker-allocator", action="store_true")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="call keep_freed_memory() here too")
+    parser.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch of 8")
+    parser.add_argument("--our-batches", choices=("thread", "torch"), default="thread")
     parser.add_argument("--data", type=Path, default=bench_queue.RESULTS / "queue_data")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     if args.default_worker_allocator:
         background.keep_freed_memory = None  # read when the queue builds its worker pool
+    if args.keep_freed_memory:
+        keep_freed_memory()
     datalist = bench_queue.make_subjects(args.data, args.format)
-    contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None)
-    bench_queue.consume(contender.loader, 0.0)  # warm-up epoch: workers started, files in the page cache
+    contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None, args.our_batches)
+    step_s = args.step_ms / 1e3
+    bench_queue.consume(contender.loader, step_s)  # warm-up epoch: workers started, files in the page cache
     wall, training, workers, patches = time.perf_counter(), time.process_time(), children_cpu_seconds(), 0
+    waited = 0.0
     for _ in range(args.epochs):
-        patches += bench_queue.consume(contender.loader, 0.0)[0]
+        epoch_patches, epoch_waited = bench_queue.consume(contender.loader, step_s)
+        patches, waited = patches + epoch_patches, waited + epoch_waited
     wall, training = time.perf_counter() - wall, time.process_time() - training
     workers = children_cpu_seconds() - workers
     contender.close()
     allocator = "glibc defaults" if args.default_worker_allocator else "keep_freed_memory"
+    here = "keep_freed_memory" if args.keep_freed_memory else "glibc defaults"
     print(
-        f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}: "
-        f"{patches / wall:.0f} patches/s; CPU per patch {training / patches * 1e3:.2f} ms training process + "
+        f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}, "
+        f"training process allocator: {here}, step {args.step_ms:g} ms, {args.our_batches} batches: "
+        f"{patches / wall:.0f} patches/s, waited {waited / wall:.1%} after each epoch's first batch; "
+        f"CPU per patch {training / patches * 1e3:.2f} ms training process + "
         f"{workers / patches * 1e3:.2f} ms workers = {(training + workers) / patches * 1e3:.2f} ms"
     )
 

@@ -1,6 +1,7 @@
 """monai_patchqueue: TorchIO-style patch samplers, patch queue and grid inference, natively in MONAI."""
 
 from .data import PatchQueueDataset, SubjectError
+from .data.worker_memory import keep_freed_memory
 from .datasets import example_brain
 from .inferers import GridAggregator, GridInferer
 from .transforms import (
@@ -37,4 +38,5 @@ __all__ = [
     "WeightedSamplerd",
     "__version__",
     "example_brain",
+    "keep_freed_memory",
 ]

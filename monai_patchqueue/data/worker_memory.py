@@ -7,7 +7,12 @@ machine, a third of a worker's CPU time per patch. :func:`keep_freed_memory` rai
 and pins its mmap threshold in the worker processes the queue owns, so that memory freed after one subject
 serves the next. A worker then holds on to the memory its largest subject needed anyway (freed memory up to
 ``TRIM_THRESHOLD_BYTES`` at the top of its heap; allocations from ``MMAP_THRESHOLD_BYTES`` on, such as large
-volumes, are still returned). The training process is left alone. On other C libraries (musl, macOS) nothing changes.
+volumes, are still returned). On other C libraries (musl, macOS) nothing changes.
+
+The queue leaves the training process's allocator alone. A training script may call :func:`keep_freed_memory`
+itself, once, at its start: collating each batch then reuses freed memory instead of faulting in fresh pages
+(about 15% of the training process's CPU per patch on the benchmark), at the price of keeping up to
+``TRIM_THRESHOLD_BYTES`` of freed memory for reuse.
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ def _mallopt():
 
 
 def keep_freed_memory(worker_id: int | None = None) -> bool:
-    """Have glibc keep this process's freed memory for reuse; return whether it could.
+    """Have glibc keep this process's freed memory for reuse; return whether it could (False without glibc).
 
-    Meant as a DataLoader ``worker_init_fn`` for the queue's own workers (``worker_id`` is ignored).
+    The queue passes it as the ``worker_init_fn`` of its own workers (``worker_id`` is ignored). Call it at the
+    start of a training script to have the training process reuse the memory of each collated batch too; see
+    the module docstring for what it keeps.
 
     Example:
         >>> from torch.utils.data import DataLoader
         >>> loader = DataLoader(range(4), num_workers=2, worker_init_fn=keep_freed_memory)
+        >>> # and, in a training script, once at its start: keep_freed_memory()
     """
     mallopt = _mallopt()
     if mallopt is None:
