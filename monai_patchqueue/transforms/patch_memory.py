@@ -19,10 +19,12 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["PatchMemoryLender", "lent_memory_holds", "new_patch_tensors", "patches_written_to"]
+__all__ = ["PatchMemoryLender", "new_patch_tensors", "patches_written_to"]
 
 
 class PatchMemoryLender(Protocol):
+    """What :func:`patches_written_to` needs of a lender (see the module docstring)."""
+
     def stack(self, count: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None: ...
 
     def holds(self, tensor: torch.Tensor) -> bool: ...
@@ -59,8 +61,3 @@ def new_patch_tensors(
             return list(stacked.unbind(0))
     return [torch.empty(shape, dtype=dtype, device=device) for _ in range(count)]
 
-
-def lent_memory_holds(tensor: torch.Tensor) -> bool:
-    """Return whether ``tensor`` lies in memory lent by the active lender (False without one)."""
-    lender = _lender.get()
-    return lender is not None and lender.holds(tensor)
