@@ -60,4 +60,3 @@ def new_patch_tensors(
         if stacked is not None:
             return list(stacked.unbind(0))
     return [torch.empty(shape, dtype=dtype, device=device) for _ in range(count)]
-
