@@ -133,3 +133,11 @@ def test_the_block_lent_for_a_subject_that_fails_goes_back_to_the_pool():
         assert packed._blocks._free == {0}
     finally:
         close_returns(token)
+
+
+def test_a_patch_that_cannot_be_pickled_fails_before_any_block_is_taken():
+    taken = []
+    patches = [{"image": torch.zeros(1, 2, 2), "callback": lambda: None}]
+    with pytest.raises(Exception, match="lambda"):
+        PatchPack(patches, lambda nbytes: taken.append(nbytes))
+    assert not taken  # the worker's pool loses no block to the failure

@@ -154,13 +154,13 @@ class PatchPack:
                 if isinstance(values[0], MetaTensor):
                     shared, own = _split_shared([value.meta for value in values])
                     traces[key] = (shared, own, [value.applied_operations for value in values])
+        rest = [{key: value for key, value in patch.items() if key not in stacks and key not in self.tensors}
+                for patch in patches]  # fmt: skip
+        self.metadata = _dumps((keys if same_keys else None, traces, rest))  # first: it may fail, blocks would leak
         in_place = self._place(stacks, blocks, lender)
         self.copied_keys = tuple(key for key in self.layout if key not in in_place)  # the others were cut in place
         for key in self.copied_keys:
             torch.stack(stacks[key], out=block_view(self.block, *self.layout[key]))
-        rest = [{key: value for key, value in patch.items() if key not in stacks and key not in self.tensors}
-                for patch in patches]  # fmt: skip
-        self.metadata = _dumps((keys if same_keys else None, traces, rest))
         self._received = False
 
     def _place(self, stacks: dict, blocks: Callable[[int], tuple] | None, lender: BlockLender | None) -> dict:
