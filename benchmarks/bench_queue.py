@@ -11,9 +11,9 @@ monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decomp
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
 
     python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0] [--formats .nii] [--samplers uniform]
-        [--torch-threads 1] [--our-batches thread|torch]
-    # writes benchmarks/results/queue*.md; a subset of formats or samplers, or other threads or batches,
-    # writes its own file
+        [--torch-threads 1] [--our-batches thread|torch] [--keep-freed-memory]
+    # writes benchmarks/results/queue*.md; a subset of formats or samplers, or other threads, batches or
+    # allocator settings, writes its own file
 
 With ``--step-ms 50`` the consumer sleeps 50 ms per batch (a simulated training step) and the table reports the
 fraction of the epoch's wall time the consumer spent waiting for data after its first batch.
@@ -39,7 +39,7 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandCropB
 from torch.nn.functional import interpolate
 from torch.utils.data import DataLoader
 
-from monai_patchqueue import LabelSamplerd, LoadMappedNiftid, PatchQueueDataset, UniformSamplerd
+from monai_patchqueue import LabelSamplerd, LoadMappedNiftid, PatchQueueDataset, UniformSamplerd, keep_freed_memory
 
 SHAPE = (192, 192, 160)
 SUBJECTS = 12
@@ -194,8 +194,15 @@ def main() -> None:
         default="thread",
         help="read our queue through MONAI's ThreadDataLoader (default) or torch's DataLoader",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="call monai_patchqueue.keep_freed_memory() in this (the training) process: every contender runs with it",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     contenders = {
         "monai_patchqueue": functools.partial(ours_with_our_loader, batches=args.our_batches),
         WITH_LOADIMAGED: functools.partial(ours, batches=args.our_batches),
@@ -229,7 +236,8 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
     lines = [
         f"patches/s over {EPOCHS} epochs after a warm-up, median of {args.repeats} rounds; "
         f"simulated step {args.step_ms:g} ms per batch of {BATCH}; torch threads in the training process: "
-        f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); our queue read through "
+        f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
+        f"{'keep_freed_memory() in the training process; ' if args.keep_freed_memory else ''}our queue read through "
         f"{'torch DataLoader' if args.our_batches == 'torch' else 'MONAI ThreadDataLoader'}",
         "",
         "| data | sampler | ceiling: LoadImaged / ours | monai_patchqueue | (with LoadImaged) | TorchIO Queue "
@@ -259,6 +267,8 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
         suffix += f"_threads{args.torch_threads}"
     if args.our_batches != "thread":
         suffix += f"_{args.our_batches}_dataloader"
+    if args.keep_freed_memory:
+        suffix += "_keep_freed_memory"
     (RESULTS / f"queue{suffix}.md").write_text(text + "\n")
 
 
