@@ -127,14 +127,14 @@ class SharedBlocks:
             self._free.add(index)
 
 
-def aligned(nbytes: int) -> int:
-    """Round ``nbytes`` up to the alignment of the tensors in a block.
+def aligned(nbytes: int, unit: int = _ALIGNMENT) -> int:
+    """Round ``nbytes`` up to a multiple of ``unit`` (by default the alignment of the tensors in a block).
 
     Example:
-        >>> aligned(1), aligned(64), aligned(65)
-        (64, 64, 128)
+        >>> aligned(1), aligned(64), aligned(65), aligned(3, unit=2)
+        (64, 64, 128, 4)
     """
-    return -(-nbytes // _ALIGNMENT) * _ALIGNMENT
+    return -(-nbytes // unit) * unit
 
 
 def block_view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -151,5 +151,5 @@ def block_view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tupl
 
 
 def _new_block(nbytes: int) -> torch.Tensor:
-    rounded = -(-max(nbytes, 1) // _MIB) * _MIB  # whole MiB, so that slightly larger packs still fit
+    rounded = aligned(max(nbytes, 1), unit=_MIB)  # whole MiB, so that slightly larger packs still fit
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(rounded))
