@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -184,7 +183,7 @@ class SubjectPatches(torch.utils.data.Dataset):
                 "put patch samplers in `sampler`, not in `transform`"
             )
         _seed(self.sampler, int(sampler_seed))
-        with patches_written_to(lender) if lender is not None else nullcontext():
+        with patches_written_to(lender):
             patches = [self._only_patches(patch, subject, lender) for patch in self._sample(subject, task.count)]
         if self.patch_transform is not None:
             _seed(self.patch_transform, int(patch_seed))

@@ -34,8 +34,9 @@ _lender: ContextVar[PatchMemoryLender | None] = ContextVar("monai_patchqueue_pat
 
 
 @contextmanager
-def patches_written_to(lender: PatchMemoryLender) -> Iterator[None]:
-    """Have the samplers called inside the ``with`` block write their patches into memory from ``lender``."""
+def patches_written_to(lender: PatchMemoryLender | None) -> Iterator[None]:
+    """Have the samplers called inside the ``with`` block write their patches into memory from ``lender``
+    (None: into tensors of their own, as outside any such block)."""
     token = _lender.set(lender)
     try:
         yield
