@@ -12,7 +12,7 @@ from monai_patchqueue import UniformSamplerd
 from monai_patchqueue.data import shared_blocks
 from monai_patchqueue.data.background import BLOCKS_PER_WORKER, BackgroundTasks
 from monai_patchqueue.data.planner import EpochPlanner
-from monai_patchqueue.data.shared_blocks import BlockTicket, SharedBlocks, close_returns, open_returns
+from monai_patchqueue.data.shared_blocks import BlockTicket, SharedBlocks, close_returns, mapped_block, open_returns
 from monai_patchqueue.data.subject_patches import SubjectPatches
 from monai_patchqueue.data.transport import PatchPack
 
@@ -29,7 +29,7 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
     token = background._returns_token
     try:
         held = [(task.subject, patches) for _, (task, patches) in zip(range(36), background.results(epoch=0))]
-        mapped = [ticket for ticket in shared_blocks._mapped if ticket.token == token]
+        mapped = [key for key in shared_blocks._mapped if key[0] == token]
     finally:
         background.close()
     assert len(held) == 36  # three epochs
@@ -40,7 +40,7 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
             assert not patch["image"].untyped_storage().is_shared()
             assert patch["image"].untyped_storage().nbytes() == patch["image"].numel() * 4  # its own copy
     assert 1 <= len(mapped) <= 2 * BLOCKS_PER_WORKER  # 36 subjects went through a handful of blocks
-    assert not [ticket for ticket in shared_blocks._mapped if ticket.token == token]  # unmapped at close
+    assert not [key for key in shared_blocks._mapped if key[0] == token]  # unmapped at close
 
 
 @contextlib.contextmanager
@@ -52,7 +52,7 @@ def one_worker_blocks(capacity: int):
 
     def take(nbytes):
         block, index = blocks.take(nbytes)
-        return block, BlockTicket(token, 0, index)
+        return block, BlockTicket(token, 0, index, mapped=blocks.mapped_there(index))
 
     try:
         yield pipes[0], blocks, take
@@ -101,3 +101,55 @@ def test_received_patches_are_copied_out_of_the_block_whatever_their_dtype():
             for key in ("image", "probabilities"):
                 assert got[key].dtype == sent[key].dtype and torch.equal(got[key], sent[key])
                 assert not got[key].untyped_storage().is_shared()
+
+
+def test_a_block_that_came_back_travels_as_its_ticket_alone_and_unpacks_to_the_patches_written_into_it():
+    with one_worker_blocks(capacity=1) as (_, blocks, take):
+        first = [{"image": torch.full((1, 64, 64), float(i))} for i in range(4)]  # 64 KiB of patches
+        sent = PatchPack(first, take)
+        assert not sent.ticket.mapped
+        assert len(pickle.dumps(sent)) > 64 * 1024  # the block goes along (here by value; by fd between processes)
+        pickle.loads(pickle.dumps(sent)).unpack()  # the training process returns the block and keeps it mapped
+        second = [{"image": torch.full((1, 64, 64), 10.0 + i)} for i in range(4)]
+        sent = PatchPack(second, take)
+        assert sent.ticket.mapped and sent.block.data_ptr() == blocks._blocks[0].data_ptr()
+        message = pickle.dumps(sent)
+        assert len(message) < 4 * 1024  # the ticket and the metadata only
+        received = pickle.loads(message)
+        assert received.block is mapped_block(received.ticket)
+        received.block.copy_(sent.block)  # what the shared memory would show: the worker wrote the new patches
+        assert [float(p["image"][0, 0, 0]) for p in received.unpack()] == [10.0, 11.0, 12.0, 13.0]
+
+
+def test_a_ticket_whose_block_is_not_mapped_here_raises_naming_the_worker_and_a_replaced_block_is_sent_again():
+    with one_worker_blocks(capacity=1) as (pipe, blocks, _):
+        with pytest.raises(RuntimeError, match="block 0 of worker 0 is not mapped"):
+            mapped_block(BlockTicket(-1, 0, 0, mapped=True))
+        blocks.take(10)
+        pipe.put(0)
+        blocks.take(10)
+        assert blocks.mapped_there(0)
+        pipe.put(0)
+        blocks.take(2 * 2**20)  # too small: replaced by a new block, which the training process has not seen
+        assert not blocks.mapped_there(0)
+
+
+def test_workers_pass_each_block_to_the_training_process_once_however_many_subjects_it_carries(monkeypatch):
+    from torch.multiprocessing import reductions
+
+    subjects = _subjects(12)
+    work = SubjectPatches(subjects, UniformSamplerd(["image", "label"], 4))
+    background = BackgroundTasks(work, EpochPlanner([5] * 12, seed=0, shuffle_subjects=True), num_workers=2)
+    passed = []
+    try:
+        results = background.results(epoch=0)
+        held = [next(results)]  # the workers are running: count from here on, in this process only
+        for name in ("rebuild_storage_fd", "rebuild_storage_filename"):  # the two CPU sharing strategies
+            original = getattr(reductions, name)
+            monkeypatch.setattr(reductions, name, lambda *args, original=original: passed.append(1) or original(*args))
+        held += [next(results) for _ in range(47)]
+    finally:
+        background.close()
+    for task, patches in held:
+        assert all(torch.all(patch["image"] == task.subject) for patch in patches)
+    assert len(passed) <= 2 * BLOCKS_PER_WORKER  # 47 subjects: each block passed once (some before counting)

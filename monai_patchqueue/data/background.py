@@ -91,7 +91,9 @@ class _PackedWork(torch.utils.data.Dataset):
             self._worker = get_worker_info().id
             self._blocks = SharedBlocks(self.returns[self._worker], capacity=BLOCKS_PER_WORKER)
         block, index = self._blocks.take(nbytes)
-        return block, None if index is None else BlockTicket(self.token, self._worker, index)
+        if index is None:
+            return block, None
+        return block, BlockTicket(self.token, self._worker, index, mapped=self._blocks.mapped_there(index))
 
 
 class _TaskStream:

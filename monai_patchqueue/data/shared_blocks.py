@@ -9,7 +9,10 @@ process never returns only costs the worker a fresh block next time: a worker wh
 allocates a one-off block, as it would without the pool.
 
 Returns travel through one pipe per worker (:func:`open_returns`), registered in the training process under
-a token that the tickets carry.
+a token that the tickets carry. A block that came back once is mapped in the training process for good
+(:func:`return_block` keeps it): the worker then sends its ticket alone (``BlockTicket.mapped``) and the training
+process finds the block by it (:func:`mapped_block`), instead of passing the block's file descriptor again
+(a socket connection with an authentication handshake per subject, about a millisecond in each process).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "aligned",
     "block_view",
     "close_returns",
+    "mapped_block",
     "open_returns",
     "return_block",
 ]
@@ -35,16 +39,26 @@ _MIB = 2**20
 _ALIGNMENT = 64  # bytes: every tensor laid out in a block starts on a cache line
 _tokens = itertools.count()
 _returns: dict[int, list] = {}  # in the training process: token -> one return pipe per worker
-_mapped: dict[tuple, torch.Tensor] = {}  # in the training process: the blocks received, kept mapped
+_mapped: dict[tuple, torch.Tensor] = {}  # in the training process: ticket key -> a block received, kept mapped
 _lock = threading.RLock()  # reentrant: a collected pack returns its block from wherever collection runs
 
 
 class BlockTicket(NamedTuple):
-    """Which worker's block a pack was written into, and under which set of return pipes."""
+    """Which worker's block a pack was written into, and under which set of return pipes.
+
+    ``mapped``: the block came back to the worker before, so the training process holds it mapped and the
+    pack travels without it (see :func:`mapped_block`).
+    """
 
     token: int
     worker: int
     block: int
+    mapped: bool = False
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """The block's identity, whether or not it is mapped in the training process yet."""
+        return self.token, self.worker, self.block
 
 
 def open_returns(num_workers: int) -> tuple[int, list]:
@@ -59,8 +73,8 @@ def close_returns(token: int) -> None:
     gone)."""
     with _lock:
         _returns.pop(token, None)
-        for ticket in [ticket for ticket in _mapped if ticket.token == token]:
-            del _mapped[ticket]
+        for key in [key for key in _mapped if key[0] == token]:
+            del _mapped[key]
 
 
 def return_block(ticket: BlockTicket, block: torch.Tensor) -> None:
@@ -72,13 +86,31 @@ def return_block(ticket: BlockTicket, block: torch.Tensor) -> None:
     with _lock:  # the queue's receiver thread returns blocks while the training thread may close the pipes
         pipes = _returns.get(ticket.token)
         if pipes is not None:
-            _mapped[ticket] = block
+            _mapped[ticket.key] = block
             pipes[ticket.worker].put(ticket.block)
+
+
+def mapped_block(ticket: BlockTicket) -> torch.Tensor:
+    """Return the block that ``ticket`` names, mapped in this (the training) process when it was last returned.
+
+    Raises:
+        RuntimeError: the block is not mapped here (its return pipes were closed: the queue's workers are
+            being shut down).
+    """
+    with _lock:
+        block = _mapped.get(ticket.key)
+    if block is None:
+        raise RuntimeError(
+            f"block {ticket.block} of worker {ticket.worker} is not mapped in this process; its queue's workers "
+            "were shut down"
+        )
+    return block
 
 
 class SharedBlocks:
     """A worker's pool of at most ``capacity`` shared-memory blocks, handed out for packs and returned through
-    ``returned`` (a pipe filled by :func:`return_block` in the training process).
+    ``returned`` (a pipe filled by :func:`return_block` in the training process). A block that came back at
+    least once is :meth:`mapped_there`: the training process keeps it mapped.
 
     Example:
         >>> import multiprocessing
@@ -91,8 +123,12 @@ class SharedBlocks:
         1
         >>> blocks.take(1000)[1] is None  # both out: a one-off block
         True
+        >>> blocks.mapped_there(0)
+        False
         >>> pipe.put(0)
         >>> blocks.take(1000)[0].data_ptr() == first.data_ptr()  # block 0 came back: reused
+        True
+        >>> blocks.mapped_there(0)
         True
     """
 
@@ -101,12 +137,15 @@ class SharedBlocks:
         self.capacity = capacity
         self._blocks: list[torch.Tensor] = []
         self._free: set[int] = set()
+        self._came_back: set[int] = set()  # blocks returned at least once since they were made
 
     def take(self, nbytes: int) -> tuple[torch.Tensor, int | None]:
         """Return a shared block (bytes: a 1-D uint8 tensor) of at least ``nbytes`` and its index (None for a
         one-off block)."""
         while not self.returned.empty():
-            self._free.add(self.returned.get())
+            index = self.returned.get()
+            self._free.add(index)
+            self._came_back.add(index)
         fitting = [index for index in self._free if self._blocks[index].numel() >= nbytes]
         if fitting:
             index = min(fitting, key=lambda i: self._blocks[i].numel())
@@ -116,10 +155,15 @@ class SharedBlocks:
         elif self._free:  # only smaller blocks are free: replace the largest of them
             index = max(self._free, key=lambda i: self._blocks[i].numel())
             self._blocks[index] = _new_block(nbytes)
+            self._came_back.discard(index)  # a new block: the training process has not seen it
         else:
             return _new_block(nbytes), None
         self._free.discard(index)
         return self._blocks[index], index
+
+    def mapped_there(self, index: int) -> bool:
+        """Return whether block ``index`` came back from the training process, which keeps it mapped."""
+        return index in self._came_back
 
     def give_back(self, index: int | None) -> None:
         """Return block ``index`` (from :meth:`take`, unused after all) to the pool; None (a one-off) is dropped."""

@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 
 from ..transforms.functional import new_metatensor
 from .block_lender import BlockLender
-from .shared_blocks import aligned, block_view, return_block
+from .shared_blocks import aligned, block_view, mapped_block, return_block
 
 __all__ = ["PatchPack"]
 
@@ -181,10 +181,15 @@ class PatchPack:
         return {}
 
     def __getstate__(self) -> dict:
-        return {name: value for name, value in self.__dict__.items() if name != "_received"}
+        state = {name: value for name, value in self.__dict__.items() if name != "_received"}
+        if self.ticket is not None and self.ticket.mapped:  # the training process has it: the ticket is enough
+            del state["block"]
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _received=True)
+        if "block" not in state:
+            self.block = mapped_block(self.ticket)
 
     def unpack(self) -> list[dict]:
         """Return the patch dicts.
@@ -220,9 +225,9 @@ class PatchPack:
         return patches
 
     def __del__(self) -> None:
-        ticket = getattr(self, "ticket", None)
-        if ticket is not None and getattr(self, "_received", False):  # dropped unread: the worker wants it back
-            return_block(ticket, self.block)
+        ticket, block = getattr(self, "ticket", None), getattr(self, "block", None)
+        if ticket is not None and block is not None and getattr(self, "_received", False):  # dropped unread
+            return_block(ticket, block)  # the worker wants it back
 
 
 def _layout(stacks: dict[str, list[torch.Tensor]], start: int = 0) -> tuple[dict, int]:
