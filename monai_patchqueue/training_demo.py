@@ -1,9 +1,10 @@
 """The training demo: a 3D UNet learns tissue segmentation of the embedded brain from queued patches.
 
-``LabelSamplerd`` + :class:`PatchQueueDataset` feed a small MONAI UNet; :class:`GridInferer` then segments the
-whole volume. The demo prints per-class Dice (and what guessing by class frequency would score), patches per
-second and the share of time the loop waited for data, and writes the prediction (NIfTI, with the source
-affine) and a PNG of three orthogonal slices.
+``LabelSamplerd`` + :class:`PatchQueueDataset` feed a small MONAI UNet with patches of the brain's left
+hemisphere only; :class:`GridInferer` then segments the whole volume, and the demo scores the right hemisphere,
+which no training patch came from. It prints per-class Dice there (and what guessing by class frequency would
+score), patches per second and the share of time the loop waited for data, and writes the prediction (NIfTI,
+with the source affine) and a PNG of three orthogonal slices.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import torch
 from monai.data import ThreadDataLoader
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import Compose, LoadImaged, RandGaussianNoised, RandScaleIntensityd, ScaleIntensityd
+from monai.transforms import (
+    Compose,
+    LoadImaged,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    ScaleIntensityd,
+    SpatialCropd,
+)
 from tqdm.auto import tqdm
 
 from .data import PatchQueueDataset
@@ -30,10 +38,25 @@ __all__ = ["TrainingReport", "run_training_demo"]
 
 BATCH_SIZE = 4
 AUGMENTED_COPIES = 8  # the embedded data is one brain: each epoch visits it 8 times with fresh augmentation
+LEFT_RIGHT_AXIS = 0  # the embedded brain is RAS: its first voxel axis runs from left to right
+
+
+def hemispheres(size: int) -> tuple[slice, slice]:
+    """Return the voxel ranges along the left-right axis of the training (left) and held-out (right) sides.
+
+    The middle voxel plane (or the two middle ones for an even ``size``) belongs to neither side.
+
+    Example:
+        >>> hemispheres(73), hemispheres(6)
+        ((slice(0, 36, None), slice(37, 73, None)), (slice(0, 2, None), slice(4, 6, None)))
+    """
+    half = (size - 1) // 2
+    return slice(0, half), slice(size - half, size)
 
 
 class TrainingReport(dict):
-    """What the demo measured: ``dice`` and ``chance_dice`` per class, ``patches_per_s``, ``wait_share``."""
+    """What the demo measured: ``dice`` and ``chance_dice`` per class on the held-out right hemisphere,
+    ``loss``, ``patches_per_s``, ``wait_share``."""
 
 
 def _brain() -> dict:
@@ -87,7 +110,7 @@ def _train(queue: PatchQueueDataset, network, iterations: int, device: torch.dev
     return loss_value, patches / elapsed, waited / elapsed
 
 
-def _draw(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, path: Path) -> None:
+def _draw(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, held_out: slice, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,8 +118,9 @@ def _draw(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, pa
 
     volumes = {"image": image[0].numpy(), "label": label[0].numpy(), "prediction": prediction[0].numpy()}
     centre = [size // 2 for size in volumes["image"].shape]
+    centre[LEFT_RIGHT_AXIS] = (held_out.start + held_out.stop) // 2  # the sagittal slice: in the held-out side
     views = {
-        "sagittal": lambda v: v[centre[0]],
+        "sagittal, right": lambda v: v[centre[0]],
         "coronal": lambda v: v[:, centre[1]],
         "axial": lambda v: v[:, :, centre[2]],
     }
@@ -106,8 +130,11 @@ def _draw(image: torch.Tensor, label: torch.Tensor, prediction: torch.Tensor, pa
             axis = axes[row, column]
             options = {"cmap": "gray"} if name == "image" else {"cmap": "viridis", "vmin": 0, "vmax": 2}
             axis.imshow(cut(volume).T, origin="lower", **options)
+            if column > 0:  # left-right runs across these views: mark where the held-out side starts
+                axis.axvline(held_out.start - 0.5, color="white", linestyle="--", linewidth=0.8)
             axis.set_title(f"{name}, {view}", fontsize=9)
             axis.set_axis_off()
+    figure.suptitle("training patches: left hemisphere only; right of the dashed line: held out", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -123,12 +150,13 @@ def run_training_demo(
     device: str = "cpu",
     seed: int = 0,
 ) -> TrainingReport:
-    """Train a UNet on queued patches of the embedded brain, segment it with GridInferer, report and save.
+    """Train a UNet on queued patches of the embedded brain's left hemisphere, segment the whole brain with
+    GridInferer, score the held-out right hemisphere, report and save.
 
     Args:
         output: folder for ``prediction.nii.gz`` and ``segmentation.png`` (created if missing).
         iterations: training batches of 4 patches.
-        patch_size: edge of the cubic patches (at most 73, the brain's smallest side).
+        patch_size: edge of the cubic patches (at most 36, the left-right extent of the training hemisphere).
         samples_per_volume: patches per augmented copy of the brain.
         workers: background processes of the queue (0: in this process).
         device: torch device for training and inference, e.g. "cpu" or "cuda".
@@ -136,15 +164,28 @@ def run_training_demo(
 
     Returns:
         The measured :class:`TrainingReport`.
+
+    Raises:
+        ValueError: ``patch_size`` exceeds the training hemisphere.
     """
     torch_device = torch.device(device)
     brain = _brain()
+    spatial_shape = tuple(brain["image"].shape[1:])
+    training_side, held_out = hemispheres(spatial_shape[LEFT_RIGHT_AXIS])
+    if patch_size > training_side.stop:
+        raise ValueError(
+            f"patch_size {patch_size} exceeds the left-right extent of the training hemisphere "
+            f"({training_side.stop} voxels)"
+        )
+    roi_end = list(spatial_shape)
+    roi_end[LEFT_RIGHT_AXIS] = training_side.stop
+    left = SpatialCropd(["image", "label"], roi_start=[0, 0, 0], roi_end=roi_end)(brain)
     augment = Compose([
         RandScaleIntensityd("image", factors=0.1, prob=1.0),
         RandGaussianNoised("image", prob=0.5, std=0.02),
     ])  # fmt: skip
     sampler = LabelSamplerd(["image", "label"], patch_size, "label", label_probabilities={0: 1, 1: 1, 2: 1})
-    data = [{"image": brain["image"], "label": brain["label"]} for _ in range(AUGMENTED_COPIES)]
+    data = [{"image": left["image"], "label": left["label"]} for _ in range(AUGMENTED_COPIES)]
     network = _network(seed).to(torch_device)
     with PatchQueueDataset(data, sampler, 4 * samples_per_volume, samples_per_volume, transform=augment,
                            num_workers=workers, seed=seed) as queue:  # fmt: skip
@@ -155,15 +196,16 @@ def run_training_demo(
         logits = inferer(brain["image"][None].to(torch_device), network)
     prediction = logits.argmax(1).cpu().to(torch.uint8)
     label = brain["label"][0].to(torch.uint8)
-    frequencies = np.bincount(label.flatten().numpy(), minlength=len(CLASS_NAMES)) / label.numel()
+    scored = (slice(None),) * LEFT_RIGHT_AXIS + (held_out,)
+    frequencies = np.bincount(label[scored].flatten().numpy(), minlength=len(CLASS_NAMES)) / label[scored].numel()
     report = TrainingReport(
-        dice=_dice(prediction[0], label), chance_dice=frequencies.tolist(), loss=loss,
+        dice=_dice(prediction[0][scored], label[scored]), chance_dice=frequencies.tolist(), loss=loss,
         patches_per_s=patches_per_s, wait_share=wait_share,
     )  # fmt: skip
     output.mkdir(parents=True, exist_ok=True)
     affine = brain["image"].affine.numpy()
     nib.save(nib.Nifti1Image(prediction[0].numpy(), affine), output / "prediction.nii.gz")
-    _draw(brain["image"], brain["label"], prediction, output / "segmentation.png")
+    _draw(brain["image"], brain["label"], prediction, held_out, output / "segmentation.png")
     _print(report, output)
     return report
 
@@ -171,7 +213,8 @@ def run_training_demo(
 def _print(report: TrainingReport, output: Path) -> None:
     print(f"\nlast training loss {report['loss']:.3f}; {report['patches_per_s']:.0f} patches/s; "
           f"the loop waited for data {report['wait_share']:.1%} of the time")  # fmt: skip
-    print("Dice per class (chance: guessing each voxel by class frequency):")
+    print("Dice per class on the right hemisphere, which no training patch came from")
+    print("(chance: guessing each voxel by the class frequencies there):")
     for name, dice, chance in zip(CLASS_NAMES, report["dice"], report["chance_dice"]):
         print(f"  {name:12s} {dice:.3f}   (chance {chance:.3f})")
     print(f"wrote {(output / 'prediction.nii.gz').resolve()} and {(output / 'segmentation.png').resolve()}")

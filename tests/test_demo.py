@@ -34,7 +34,7 @@ def test_demo_is_deterministic_for_a_seed(tmp_path, capsys):
 @pytest.mark.parametrize("command, args, message", [
     ("samplers", ["--patch-size", "0"], "positive integer"),
     ("samplers", ["--patch-size", "200"], "exceeds the spatial shape"),
-    ("demo", ["--patch-size", "200"], "exceeds the brain's smallest side"),
+    ("demo", ["--patch-size", "37"], "exceeds the left-right extent of the training hemisphere (36 voxels)"),
     ("demo", ["--workers", "-1"], "non-negative integer"),
     ("demo", ["--iterations", "x"], "positive integer"),
     ("demo", ["--device", "toaster"], "--device should name a torch device"),
@@ -81,6 +81,28 @@ def test_training_demo_is_reproducible_and_beats_chance(tmp_path):
     assert all(d > c for d, c in zip(reports[0]["dice"][1:], reports[0]["chance_dice"][1:]))
 
 
+def test_training_demo_samples_only_the_left_hemisphere_and_scores_only_the_right(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from monai_patchqueue import example_brain, training_demo
+
+    seen = []
+
+    def one_epoch(queue, network, iterations, device):
+        seen.extend((float(patch["image"].affine[0, 3]), tuple(patch["image"].shape)) for patch in queue)
+        return 0.0, 1.0, 0.0
+
+    monkeypatch.setattr(training_demo, "_train", one_epoch)
+    report = training_demo.run_training_demo(tmp_path, patch_size=16, samples_per_volume=4, workers=0)
+    assert len(seen) == 4 * training_demo.AUGMENTED_COPIES
+    # world x of a patch's last voxel column (2 mm voxels): the left hemisphere is x < 0 in this RAS brain
+    assert all(shape == (1, 16, 16, 16) and x + 15 * 2.0 < 0 for x, shape in seen)
+    assert max(x for x, _ in seen) + 15 * 2.0 > -20  # the side is covered up to near the midline
+    label = np.asarray(nib.load(example_brain()["label"]).dataobj)
+    right = label[37:]  # x > 0 mm
+    assert report["chance_dice"] == pytest.approx(list(np.bincount(right.ravel(), minlength=3) / right.size))
+
+
 def test_console_script_runs_the_same_command_line(tmp_path):
     script = Path(sys.executable).parent / "monai-patchqueue"
     assert script.is_file(), "the package should be installed with its console script (pip install -e .)"
@@ -94,4 +116,4 @@ def test_console_script_runs_the_same_command_line(tmp_path):
         timeout=120,
     )
     assert result.returncode == 2 and "monai-patchqueue demo: error:" in result.stderr
-    assert "exceeds the brain's smallest side" in result.stderr and "Traceback" not in result.stderr
+    assert "exceeds the left-right extent" in result.stderr and "Traceback" not in result.stderr
