@@ -258,10 +258,13 @@ def test_get_max_memory_counts_every_patch_that_can_be_held():
         patch = next(iter(queue))
         patch_bytes = 4 * 4**3 + 8 * 4**3 + 6 * 8  # float32 image, int64 label, int64 location
         assert sum(v.numel() * v.element_size() for v in patch.values() if torch.is_tensor(v)) == patch_bytes
-        # the buffer, 2 subjects per worker in the workers, 1 unpacked ahead and 1 being unpacked here
-        assert queue.get_max_memory() == patch_bytes * (8 + (2 * 2 + 2) * 4)
+        # the buffer, 1 subject unpacked ahead and 1 being unpacked here, and the workers' shared memory: 4 blocks
+        # each, one subject's patches (4 x 808 bytes, each key's stack aligned to 64) rounded up to 1 MiB
+        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 4) + 2 * 4 * 2**20
         assert queue.get_max_memory(subjects()[0]) == queue.get_max_memory()
-        assert queue.get_max_memory_pretty() == f"{patch_bytes * 32 / 1024:.2f} KiB"
+        assert queue.get_max_memory_pretty() == f"{(patch_bytes * 16 + 8 * 2**20) / 2**20:.2f} MiB"
+    with queue_of(num_workers=0, max_length=8, samples_per_volume=4) as queue:
+        assert queue.get_max_memory() == patch_bytes * 8  # the buffer alone
 
 
 def test_verbose_logs_fills_and_timings(caplog):

@@ -10,10 +10,10 @@ import torch
 
 from monai_patchqueue import UniformSamplerd
 from monai_patchqueue.data import shared_blocks
-from monai_patchqueue.data.background import BLOCKS_PER_WORKER, BackgroundTasks
+from monai_patchqueue.data.background import BLOCKS_PER_WORKER, BackgroundTasks, memory_outside_buffer
 from monai_patchqueue.data.planner import EpochPlanner
 from monai_patchqueue.data.shared_blocks import BlockTicket, SharedBlocks, close_returns, mapped_block, open_returns
-from monai_patchqueue.data.subject_patches import SubjectPatches
+from monai_patchqueue.data.subject_patches import SubjectPatches, patch_nbytes
 from monai_patchqueue.data.transport import PatchPack
 
 
@@ -29,7 +29,7 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
     token = background._returns_token
     try:
         held = [(task.subject, patches) for _, (task, patches) in zip(range(36), background.results(epoch=0))]
-        mapped = [key for key in shared_blocks._mapped if key[0] == token]
+        mapped = [block for key, block in shared_blocks._mapped.items() if key[0] == token]
     finally:
         background.close()
     assert len(held) == 36  # three epochs
@@ -40,6 +40,9 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
             assert not patch["image"].untyped_storage().is_shared()
             assert patch["image"].untyped_storage().nbytes() == patch["image"].numel() * 4  # its own copy
     assert 1 <= len(mapped) <= 2 * BLOCKS_PER_WORKER  # 36 subjects went through a handful of blocks
+    # each block is as large as memory_outside_buffer (and so get_max_memory) counts it
+    pool = memory_outside_buffer(2, held[0][1][0], 5) - 2 * 5 * patch_nbytes(held[0][1][0])
+    assert all(block.numel() == pool // (2 * BLOCKS_PER_WORKER) for block in mapped)
     assert not [key for key in shared_blocks._mapped if key[0] == token]  # unmapped at close
 
 

@@ -9,7 +9,7 @@ epoch's first subjects while the current epoch's last patches are consumed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import partial
 
 import torch
@@ -19,9 +19,9 @@ from .block_lender import BlockLender
 from .planner import EpochPlanner
 from .receiver import Receiver
 from .schedule import SubjectTask
-from .shared_blocks import BlockTicket, SharedBlocks, close_returns, open_returns
-from .subject_patches import SubjectPatches
-from .transport import PatchPack
+from .shared_blocks import BlockTicket, SharedBlocks, block_nbytes, close_returns, open_returns
+from .subject_patches import SubjectPatches, patch_nbytes
+from .transport import PatchPack, pack_nbytes
 from .worker_memory import keep_freed_memory
 
 __all__ = ["BackgroundTasks"]
@@ -41,6 +41,25 @@ def subjects_in_flight(num_workers: int) -> int:
         (0, 6)
     """
     return PREFETCH_PER_WORKER * num_workers + RECEIVED_AHEAD + 1 if num_workers else 0
+
+
+def memory_outside_buffer(num_workers: int, patch: Mapping, count: int) -> int:
+    """Return the most bytes the background holds for subjects of ``count`` patches shaped like ``patch``.
+
+    That is the workers' shared-memory pools (up to ``BLOCKS_PER_WORKER`` blocks per worker, each sized for a
+    subject's pack and rounded up to whole MiB; they hold the prefetched subjects, and keep their size once
+    used) and the subjects received ahead in the training process (one waiting, one being unpacked); nothing
+    without workers.
+
+    Example:
+        >>> patch = {"image": torch.zeros(1, 4, 4, 4)}  # 256 bytes
+        >>> memory_outside_buffer(0, patch, 16), memory_outside_buffer(2, patch, 16) // 2**20  # 8 blocks of 1 MiB
+        (0, 8)
+    """
+    if not num_workers:
+        return 0
+    received = (RECEIVED_AHEAD + 1) * count * patch_nbytes(patch)
+    return num_workers * BLOCKS_PER_WORKER * block_nbytes(pack_nbytes(patch, count)) + received
 
 
 def _unchanged(result):

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .._checks import check_bool, check_positive_int
-from .background import BackgroundTasks, subjects_in_flight
+from .background import BackgroundTasks, memory_outside_buffer, subjects_in_flight
 from .buffer import PatchBuffer
 from .planner import EpochPlanner
 from .schedule import SubjectTask, epoch_generator
@@ -74,8 +74,9 @@ class PatchQueueDataset(IterableDataset):
             ``WeightedSamplerd``, ``LabelSamplerd`` or MONAI's ``RandSpatialCropSamplesd``,
             ``RandWeightedCropd``, ``RandCropByLabelClassesd``, ``RandCropByPosNegLabeld``. Entries it does not
             crop are left out of the patches (list every array you need in its ``keys``).
-        max_length: most patches held in the buffer (patches in flight add at most
-            ``2 * num_workers + 2`` subjects' worth with workers; see :attr:`max_patches_held`).
+        max_length: most patches held in the buffer (with workers, up to ``2 * num_workers + 2`` subjects'
+            patches are in flight besides, see :attr:`max_patches_held`; :meth:`get_max_memory` counts them and
+            the workers' shared memory).
         samples_per_volume: patches per subject and epoch, whatever the sampler's ``num_samples``.
         transform: applied to each subject dict before sampling (loading, preprocessing, augmentation).
         patch_transform: applied to each patch dict after sampling.
@@ -284,7 +285,9 @@ class PatchQueueDataset(IterableDataset):
         return self.max_length + subjects_in_flight(self.num_workers) * max(self.counts)
 
     def get_max_memory(self, subject: Mapping | None = None) -> int:
-        """Return the most bytes the patches held by the queue can occupy, from one real patch.
+        """Return the most bytes the queue's patches can occupy, from one real patch: the buffer's
+        ``max_length`` patches and, with workers, the subjects received ahead in this process and the workers'
+        shared memory (a few blocks per worker, each one subject's patches rounded up to whole MiB).
 
         Args:
             subject: a prepared subject dict to cut the patch from; None loads and transforms the first subject.
@@ -294,7 +297,10 @@ class PatchQueueDataset(IterableDataset):
         else:
             work = SubjectPatches([subject], copy.deepcopy(self._work.sampler))
         _, patches = work[SubjectTask(epoch=0, position=0, subject=0, count=1, seed=0)]
-        return patch_nbytes(patches[0]) * self.max_patches_held
+        subject_count = max(self.counts)
+        return patch_nbytes(patches[0]) * self.max_length + memory_outside_buffer(
+            self.num_workers, patches[0], subject_count
+        )
 
     def get_max_memory_pretty(self, subject: Mapping | None = None) -> str:
         """Return :meth:`get_max_memory` in binary units, e.g. ``'1.50 GiB'``."""

@@ -12,7 +12,8 @@ Returns travel through one pipe per worker (:func:`open_returns`), registered in
 a token that the tickets carry. A block that came back once is mapped in the training process for good
 (:func:`return_block` keeps it): the worker then sends its ticket alone (``BlockTicket.mapped``) and the training
 process finds the block by it (:func:`mapped_block`), instead of passing the block's file descriptor again
-(a socket connection with an authentication handshake per subject, about a millisecond in each process).
+(a socket connection with an authentication handshake per subject: about 0.4 ms of CPU in the training process,
+measured, and the serving side of it in the worker's resource-sharer thread).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "BlockTicket",
     "SharedBlocks",
     "aligned",
+    "block_nbytes",
     "block_view",
     "close_returns",
     "mapped_block",
@@ -194,6 +196,16 @@ def block_view(block: torch.Tensor, dtype: torch.dtype, offset: int, shape: tupl
     return torch.empty(0, dtype=dtype).set_(block.untyped_storage(), offset // dtype.itemsize, shape)
 
 
+def block_nbytes(nbytes: int) -> int:
+    """Return the size of the block a worker makes for a pack of ``nbytes``: whole MiB, so that slightly larger
+    packs still fit.
+
+    Example:
+        >>> block_nbytes(1), block_nbytes(2**20 + 1) // 2**20
+        (1048576, 2)
+    """
+    return aligned(max(nbytes, 1), unit=_MIB)
+
+
 def _new_block(nbytes: int) -> torch.Tensor:
-    rounded = aligned(max(nbytes, 1), unit=_MIB)  # whole MiB, so that slightly larger packs still fit
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(rounded))
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(block_nbytes(nbytes)))

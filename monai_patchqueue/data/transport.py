@@ -23,7 +23,7 @@ from ..transforms.functional import new_metatensor
 from .block_lender import BlockLender
 from .shared_blocks import aligned, block_view, mapped_block, return_block
 
-__all__ = ["PatchPack"]
+__all__ = ["PatchPack", "pack_nbytes"]
 
 
 def _tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -228,6 +228,19 @@ class PatchPack:
         ticket, block = getattr(self, "ticket", None), getattr(self, "block", None)
         if ticket is not None and block is not None and getattr(self, "_received", False):  # dropped unread
             return_block(ticket, block)  # the worker wants it back
+
+
+def pack_nbytes(patch: Mapping, count: int) -> int:
+    """Return the bytes of the block that carries ``count`` patches shaped like ``patch`` (its CPU tensors,
+    stacked per key, each stack aligned as :class:`PatchPack` lays them out).
+
+    Example:
+        >>> pack_nbytes({"image": torch.zeros(1, 4, 4), "id": 3}, count=5)  # 5 x 64 bytes
+        320
+    """
+    stacks = {key: [value] * count for key, value in patch.items()
+              if isinstance(value, torch.Tensor) and value.device.type == "cpu"}  # fmt: skip
+    return _layout(stacks)[1]
 
 
 def _layout(stacks: dict[str, list[torch.Tensor]], start: int = 0) -> tuple[dict, int]:
