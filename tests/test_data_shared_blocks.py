@@ -156,3 +156,13 @@ def test_workers_pass_each_block_to_the_training_process_once_however_many_subje
     for task, patches in held:
         assert all(torch.all(patch["image"] == task.subject) for patch in patches)
     assert len(passed) <= 2 * BLOCKS_PER_WORKER  # 47 subjects: each block passed once (some before counting)
+
+
+def test_a_block_that_shared_memory_cannot_hold_raises_saying_how_much_and_what_to_do(monkeypatch):
+    def full(size):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1>: No space left on device (28)")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", full)
+    with one_worker_blocks(capacity=1) as (_, blocks, _):
+        with pytest.raises(RuntimeError, match=r"3 MiB shared-memory block .*No space left.*--shm-size"):
+            blocks.take(2 * 2**20 + 1)

@@ -208,4 +208,14 @@ def block_nbytes(nbytes: int) -> int:
 
 
 def _new_block(nbytes: int) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(block_nbytes(nbytes)))
+    size = block_nbytes(nbytes)
+    try:
+        storage = torch.UntypedStorage._new_shared(size)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"could not allocate a {size // _MIB} MiB shared-memory block for a subject's patches ({error}). "
+            "Each of the queue's workers keeps up to a few such blocks (get_max_memory() counts them): raise the "
+            "shared-memory limit (/dev/shm; Docker: --shm-size), or use fewer workers, fewer samples_per_volume "
+            "or smaller patches"
+        ) from error
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
