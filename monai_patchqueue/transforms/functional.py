@@ -106,14 +106,16 @@ def new_metatensor(data: torch.Tensor, meta: dict, applied_operations: list) -> 
 
 
 def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Return a C-contiguous copy of ``view`` (written into ``out`` when given); fast also when ``view`` is
-    Fortran-ordered.
+    """Return a C-contiguous copy of ``view`` (written into ``out`` when given); fast also when ``view`` is a
+    Fortran-ordered 3-D patch.
 
     A NIfTI volume kept in its file's (Fortran) order, e.g. by :class:`~monai_patchqueue.LoadMappedNifti`,
-    gives patches whose last axis varies slowest in memory. torch copies such a view into C order one element
-    at a time across the whole patch (about 1 ms per MB). Here the patch is first copied in its own memory
-    order (contiguous runs), its slowest axis is moved last by one 2-D transpose, and the remaining axes are
-    reversed with runs along that last axis, straight into ``out`` (about 0.35 ms per MB in all).
+    gives patches ``(x, y, z)`` whose first axis varies fastest in memory. torch copies such a view into C order
+    one element at a time across the whole patch (about 1 ms per MB). Here the copy takes three passes that each
+    move contiguous runs or small in-cache tiles: gather ``(y, z, x)`` (runs along x), transpose each y-slice
+    to ``(y, x, z)`` (64 x 64 tiles for a 64^3 patch), and swap the first two axes into ``out`` (runs along z):
+    about 0.3 ms per MB of float32 and 0.6 ms per MB of uint8 for patches up to 96^3, where a blocked 2-D
+    transpose of the whole patch took as long for float32 (7% less at 128^3) and twice as long for bytes.
 
     Args:
         view: any tensor.
@@ -134,30 +136,12 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
         )
     core = view.squeeze()  # the axes longer than 1, as a view
     strides = list(core.stride())
-    if core.dim() < 3 or strides != sorted(strides):
+    if core.dim() != 3 or strides != sorted(strides):  # not a Fortran-ordered 3-D patch: torch's own copy
         return out.copy_(view)
-    count = core.dim()
-    in_memory_order = core.permute(*reversed(range(count))).contiguous()
-    slowest = in_memory_order.shape[0]
-    slowest_last = _transposed(in_memory_order.reshape(slowest, -1))
-    slowest_last = slowest_last.reshape(*in_memory_order.shape[1:], slowest)
-    out.view(core.shape).copy_(slowest_last.permute(*reversed(range(count - 1)), count - 1))
+    runs_along_x = core.permute(1, 2, 0).contiguous()  # (y, z, x)
+    runs_along_z = runs_along_x.transpose(1, 2).contiguous()  # (y, x, z)
+    out.view(core.shape).copy_(runs_along_z.transpose(0, 1))  # (x, y, z)
     return out
-
-
-def _transposed(matrix: torch.Tensor) -> torch.Tensor:
-    """Return the C-contiguous transpose of a C-contiguous 2-D tensor.
-
-    torch transposes 4- and 8-byte elements fast and single bytes slowly; a byte matrix whose row count is a
-    multiple of 8 is transposed as 8-byte words, each holding 8 consecutive rows of one column (~40% faster).
-    """
-    rows, columns = matrix.shape
-    if matrix.element_size() != 1 or rows % 8:
-        return matrix.t().contiguous()
-    dense = torch.contiguous_format  # canonical strides even where size-1 axes make a view "contiguous"
-    words = matrix.reshape(rows // 8, 8, columns).transpose(1, 2).clone(memory_format=dense).view(torch.int64)
-    transposed_words = words.reshape(rows // 8, columns).t().clone(memory_format=dense)
-    return transposed_words.view(matrix.dtype).reshape(columns, rows)
 
 
 def crop_patches(
