@@ -30,6 +30,7 @@ PREFETCH_PER_WORKER = 2
 BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
 RECEIVED_AHEAD = 1
 """Unpacked results waiting for the consumer in the training process (one more is being unpacked)."""
+_SUBJECTS_RECEIVED = RECEIVED_AHEAD + 1  # held in the training process outside the buffer: waiting, being unpacked
 
 
 def subjects_in_flight(num_workers: int) -> int:
@@ -40,7 +41,7 @@ def subjects_in_flight(num_workers: int) -> int:
         >>> subjects_in_flight(0), subjects_in_flight(2)
         (0, 6)
     """
-    return PREFETCH_PER_WORKER * num_workers + RECEIVED_AHEAD + 1 if num_workers else 0
+    return PREFETCH_PER_WORKER * num_workers + _SUBJECTS_RECEIVED if num_workers else 0
 
 
 def memory_outside_buffer(num_workers: int, patch: Mapping, count: int) -> int:
@@ -58,7 +59,7 @@ def memory_outside_buffer(num_workers: int, patch: Mapping, count: int) -> int:
     """
     if not num_workers:
         return 0
-    received = (RECEIVED_AHEAD + 1) * count * patch_nbytes(patch)
+    received = _SUBJECTS_RECEIVED * count * patch_nbytes(patch)
     return num_workers * BLOCKS_PER_WORKER * block_nbytes(pack_nbytes(patch, count)) + received
 
 
