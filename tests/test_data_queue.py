@@ -23,6 +23,7 @@ from scipy.stats import binomtest
 from torch.utils.data import DataLoader
 
 from monai_patchqueue import LabelSamplerd, PatchQueueDataset, UniformSamplerd
+from monai_patchqueue.data.serving import slab_capacity
 from monai_patchqueue.transforms.functional import shifted_affine
 
 
@@ -227,7 +228,8 @@ def test_monai_and_our_samplers_give_exact_counts_of_compact_patches(sampler):
     assert collections.Counter(p["id"] for p in patches) == dict.fromkeys(range(6), 5)
     for patch in patches[:5]:
         assert patch["image"].shape == (1, 4, 4, 4)
-        assert patch["image"].untyped_storage().nbytes() == patch["image"].numel() * 4  # no view of the volume
+        # a row of the slab of 10 patches it was served in, not a view of the 12^3 volume
+        assert patch["image"].untyped_storage().nbytes() == slab_capacity(10) * patch["image"].numel() * 4
 
 
 def test_arrays_the_sampler_does_not_crop_stay_behind():
@@ -258,13 +260,15 @@ def test_get_max_memory_counts_every_patch_that_can_be_held():
         patch = next(iter(queue))
         patch_bytes = 4 * 4**3 + 8 * 4**3 + 6 * 8  # float32 image, int64 label, int64 location
         assert sum(v.numel() * v.element_size() for v in patch.values() if torch.is_tensor(v)) == patch_bytes
-        # the buffer, 1 subject unpacked ahead and 1 being unpacked here, and the workers' shared memory: 4 blocks
-        # each, one subject's patches (4 x 808 bytes, each key's stack aligned to 64) rounded up to 1 MiB
-        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 4) + 2 * 4 * 2**20
+        # the buffer, two slabs of 8 (max_length) patches, 1 subject being unpacked here, and the workers' shared
+        # memory: 4 blocks each, one subject's patches (4 x 808 bytes, each key's stack aligned to 64) rounded up
+        # to 1 MiB
+        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 8 + 4) + 2 * 4 * 2**20
         assert queue.get_max_memory(subjects()[0]) == queue.get_max_memory()
-        assert queue.get_max_memory_pretty() == f"{(patch_bytes * 16 + 8 * 2**20) / 2**20:.2f} MiB"
+        assert queue.get_max_memory_pretty() == f"{(patch_bytes * 28 + 8 * 2**20) / 2**20:.2f} MiB"
+        assert queue.max_patches_held == 8 + 2 * 8 + (2 * 2 + 1) * 4
     with queue_of(num_workers=0, max_length=8, samples_per_volume=4) as queue:
-        assert queue.get_max_memory() == patch_bytes * 8  # the buffer alone
+        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 8)  # the buffer and the slabs
 
 
 def test_verbose_logs_fills_and_timings(caplog):

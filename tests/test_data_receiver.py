@@ -1,4 +1,4 @@
-"""The receiver unpacks the workers' results in a thread of the training process, in order, a bounded way ahead."""
+"""The receiver serves the workers' patches in a thread of the training process, in order, a bounded way ahead."""
 
 from __future__ import annotations
 
@@ -9,73 +9,88 @@ import pytest
 import torch
 
 from monai_patchqueue import PatchQueueDataset, UniformSamplerd
-from monai_patchqueue.data import transport
-from monai_patchqueue.data.background import RECEIVED_AHEAD
+from monai_patchqueue.data import slabs, transport
 from monai_patchqueue.data.receiver import Receiver
-from monai_patchqueue.data.transport import PatchPack
 
 
-def _results(count: int, failing: int | None = None):
+def _items(count: int, failing: int | None = None):
     for index in range(count):
         if index == failing:
             raise ValueError(f"subject {index} failed")
-        yield index, PatchPack([{"value": torch.tensor(index)}])
+        yield index
 
 
-def test_results_arrive_in_order_and_a_failure_in_its_place():
-    receiver = Receiver(_results(6, failing=3), ahead=2)
+def test_items_arrive_in_order_and_a_failure_in_its_place():
+    receiver = Receiver(_items(6, failing=3), ahead=2)
     try:
-        assert [receiver.next()[0] for _ in range(3)] == [0, 1, 2]
+        assert [receiver.next() for _ in range(3)] == [0, 1, 2]
         with pytest.raises(ValueError, match="subject 3 failed"):
             receiver.next()
     finally:
         receiver.stop()
 
 
-def test_the_receiver_waits_when_the_consumer_does_not_take_and_stops_when_asked():
+def test_the_end_of_the_items_reaches_the_consumer():
+    receiver = Receiver(_items(2), ahead=1)
+    try:
+        assert [receiver.next(), receiver.next()] == [0, 1]
+        with pytest.raises(StopIteration):
+            receiver.next()
+    finally:
+        receiver.stop()
+
+
+def test_the_receiver_makes_items_only_while_fewer_than_ahead_wait_and_stops_when_asked():
     pulled = []
 
-    def results():
+    def items():
         for index in range(100):
             pulled.append(index)
-            yield index, PatchPack([{"value": torch.tensor(index)}])
+            yield index
 
-    receiver = Receiver(results(), ahead=2)
+    receiver = Receiver(items(), ahead=2)
     time.sleep(0.3)
-    assert len(pulled) == 3  # two waiting, one in hand
-    receiver.stop()  # returns although the receiver was waiting to hand a result over
+    assert len(pulled) == 2  # two waiting
+    assert receiver.next() == 0
+    time.sleep(0.3)
+    assert len(pulled) == 3  # the taken one replaced
+    receiver.stop()  # returns although the receiver was waiting for room
     assert len(pulled) == 3
 
 
-def _counting_unpacks(monkeypatch) -> list[str]:
+def _recording(monkeypatch, owner, name: str) -> list[str]:
     threads = []
-    unpack = PatchPack.unpack
+    original = getattr(owner, name)
 
-    def recording_unpack(self):
+    def recording(self, *args):
         threads.append(threading.current_thread().name)
-        return unpack(self)
+        return original(self, *args)
 
-    monkeypatch.setattr(transport.PatchPack, "unpack", recording_unpack)
+    monkeypatch.setattr(owner, name, recording)
     return threads
 
 
-def test_with_workers_received_patches_are_unpacked_off_the_training_thread_and_a_bounded_way_ahead(monkeypatch):
-    threads = _counting_unpacks(monkeypatch)
+def test_with_workers_patches_are_unpacked_and_laid_out_off_the_training_thread_a_bounded_way_ahead(monkeypatch):
+    unpacks = _recording(monkeypatch, transport.PatchPack, "unpack")
+    layouts = _recording(monkeypatch, slabs.PatchSlab, "served")
     data = [{"image": torch.full((1, 8, 8, 8), float(i))} for i in range(12)]
     with PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=2, seed=0) as queue:
         patches = iter(queue)
-        first = next(patches)  # the buffer admitted two subjects (4 patches)
+        first = next(patches)  # slab 0 (4 patches: max_length) is served, slab 1 filled ahead
         time.sleep(1.0)  # the workers are done with several more subjects by now
-        assert len(threads) == 2 + RECEIVED_AHEAD + 1
+        # slab 0 admitted subjects 0-2, slab 1 subjects 3 and 4 (buffer of 4, 2 patches each, admitted when they fit)
+        assert (len(unpacks), len(layouts)) == (5, 2)
         rest = list(patches)
     assert len(rest) + 1 == 24 and first["image"].shape == (1, 4, 4, 4)
-    assert 12 <= len(threads) <= 12 + RECEIVED_AHEAD + 1  # it may have received the next epoch's first ones
-    assert set(threads) == {"PatchQueueDataset receiver"}
+    assert 12 <= len(unpacks) <= 12 + 3  # it may have filled the next epoch's first slab
+    assert set(unpacks) == set(layouts) == {"PatchQueueDataset receiver"}
 
 
 def test_without_workers_nothing_runs_in_a_thread(monkeypatch):
-    threads = _counting_unpacks(monkeypatch)
+    unpacks = _recording(monkeypatch, transport.PatchPack, "unpack")
+    layouts = _recording(monkeypatch, slabs.PatchSlab, "served")
     data = [{"image": torch.zeros(1, 8, 8, 8)}] * 3
     with PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, seed=0) as queue:
         assert len(list(queue)) == 6
-    assert threads == []  # patches made in this process are not packed at all
+    assert unpacks == []  # patches made in this process are not packed at all
+    assert set(layouts) == {threading.current_thread().name}

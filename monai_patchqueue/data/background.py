@@ -9,6 +9,7 @@ epoch's first subjects while the current epoch's last patches are consumed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Mapping
 from functools import partial
 
@@ -19,7 +20,9 @@ from .block_lender import BlockLender
 from .planner import EpochPlanner
 from .receiver import Receiver
 from .schedule import SubjectTask
+from .serving import EpochServer, slab_capacity
 from .shared_blocks import BlockTicket, SharedBlocks, block_nbytes, close_returns, open_returns
+from .slabs import ServedPatch
 from .subject_patches import SubjectPatches, patch_nbytes
 from .transport import PatchPack, pack_nbytes
 from .worker_memory import keep_freed_memory
@@ -28,39 +31,53 @@ __all__ = ["BackgroundTasks"]
 
 PREFETCH_PER_WORKER = 2
 BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
-RECEIVED_AHEAD = 1
-"""Unpacked results waiting for the consumer in the training process (one more is being unpacked)."""
-_SUBJECTS_RECEIVED = RECEIVED_AHEAD + 1  # held in the training process outside the buffer: waiting, being unpacked
+SLABS_AHEAD = 1
+"""Slabs the receiver thread fills ahead of the consumer (it starts the next one when the consumer takes it)."""
+_SLABS_HELD = SLABS_AHEAD + 1  # outside the buffer: the one being served, the one filled (or filling) ahead
 
 
 def subjects_in_flight(num_workers: int) -> int:
-    """Return the most subjects whose patches are held outside the queue's buffer: prefetched by the workers,
-    and received ahead in the training process (waiting, and the one being unpacked); none without workers.
+    """Return the most subjects whose patches are held outside the queue's buffer and slabs: prefetched by the
+    workers, and the one being unpacked in the training process; none without workers.
 
     Example:
         >>> subjects_in_flight(0), subjects_in_flight(2)
-        (0, 6)
+        (0, 5)
     """
-    return PREFETCH_PER_WORKER * num_workers + _SUBJECTS_RECEIVED if num_workers else 0
+    return PREFETCH_PER_WORKER * num_workers + 1 if num_workers else 0
 
 
-def memory_outside_buffer(num_workers: int, patch: Mapping, count: int) -> int:
-    """Return the most bytes the background holds for subjects of ``count`` patches shaped like ``patch``.
+def patches_in_slabs(max_length: int) -> int:
+    """Return the most patches held in slabs outside the buffer: the one being served and the one ahead.
 
-    That is the workers' shared-memory pools (up to ``BLOCKS_PER_WORKER`` blocks per worker, each sized for a
-    subject's pack and rounded up to whole MiB; they hold the prefetched subjects, and keep their size once
-    used) and the subjects received ahead in the training process (one waiting, one being unpacked); nothing
-    without workers.
+    Example:
+        >>> patches_in_slabs(64), patches_in_slabs(4)
+        (32, 8)
+    """
+    return _SLABS_HELD * slab_capacity(max_length)
+
+
+def memory_outside_buffer(num_workers: int, patch: Mapping, count: int, max_length: int) -> int:
+    """Return the most bytes the queue holds outside its buffer, for subjects of ``count`` patches shaped like
+    ``patch``.
+
+    That is the slabs (:func:`patches_in_slabs`) and, with workers, the subject being unpacked in the training
+    process and the workers' shared-memory pools (up to ``BLOCKS_PER_WORKER`` blocks per worker, each sized for
+    a subject's pack and rounded up to whole MiB; they hold the prefetched subjects, and keep their size once
+    used).
 
     Example:
         >>> patch = {"image": torch.zeros(1, 4, 4, 4)}  # 256 bytes
-        >>> memory_outside_buffer(0, patch, 16), memory_outside_buffer(2, patch, 16) // 2**20  # 8 blocks of 1 MiB
-        (0, 8)
+        >>> memory_outside_buffer(0, patch, 16, max_length=64)  # two slabs of 16 patches
+        8192
+        >>> memory_outside_buffer(2, patch, 16, max_length=64) // 2**20  # and 8 blocks of 1 MiB
+        8
     """
+    slabs = patches_in_slabs(max_length) * patch_nbytes(patch)
     if not num_workers:
-        return 0
-    received = _SUBJECTS_RECEIVED * count * patch_nbytes(patch)
-    return num_workers * BLOCKS_PER_WORKER * block_nbytes(pack_nbytes(patch, count)) + received
+        return slabs
+    received = count * patch_nbytes(patch)
+    return num_workers * BLOCKS_PER_WORKER * block_nbytes(pack_nbytes(patch, count)) + received + slabs
 
 
 def _unchanged(result):
@@ -131,7 +148,8 @@ class _TaskStream:
 
 
 class BackgroundTasks:
-    """Results of the planned tasks, in plan order, computed by ``num_workers`` processes (0: on demand).
+    """Results of the planned tasks, in plan order, computed by ``num_workers`` processes (0: on demand), and
+    served by ``server`` in slabs (with workers, in a thread of this process, ahead of the consumer).
 
     Example:
         >>> import torch
@@ -144,9 +162,12 @@ class BackgroundTasks:
         >>> background.close()
     """
 
-    def __init__(self, work: SubjectPatches, planner: EpochPlanner, num_workers: int) -> None:
+    def __init__(
+        self, work: SubjectPatches, planner: EpochPlanner, num_workers: int, server: EpochServer | None = None
+    ) -> None:
         self.planner = planner
         self.num_workers = num_workers
+        self.server = server
         self._stream = _TaskStream(planner)
         self._returns_token, returns = open_returns(num_workers)
         self._loader = DataLoader(
@@ -160,7 +181,7 @@ class BackgroundTasks:
             worker_init_fn=keep_freed_memory if num_workers > 0 else None,
         )
         self._iterator: Iterator | None = None
-        self._receiver: Receiver | None = None  # with workers: unpacks self._iterator's results ahead
+        self._receiver: Receiver | None = None  # with workers and a server: serves self._iterator's results ahead
         self._next: tuple | None = None
 
     def start(self, epoch: int) -> None:
@@ -169,20 +190,58 @@ class BackgroundTasks:
         if self._iterator is None or self._next != position:
             if self._receiver is not None:
                 self._receiver.stop()  # before the iterator is reset under it
+                self._receiver = None
             self._stream.first_epoch = epoch
             self._iterator = iter(self._loader)
-            if self.num_workers > 0:
-                self._receiver = Receiver(self._iterator, ahead=RECEIVED_AHEAD)
+            if self.num_workers > 0 and self.server is not None:
+                self._receiver = Receiver(self._served_epochs(epoch), ahead=SLABS_AHEAD)
         self._next = position
 
     def results(self, epoch: int) -> Iterator[tuple[SubjectTask, list[dict]]]:
-        """Return the iterator of ``(task, patches)`` positioned at the start of ``epoch``.
+        """Return the iterator of ``(task, patches)`` positioned at the start of ``epoch``, for a background
+        without a server (whose receiver would be reading them).
 
         Work already started for that epoch is kept; anything else in flight is discarded.
         """
+        if self.server is not None and self.num_workers > 0:
+            raise RuntimeError("this BackgroundTasks serves its results in slabs: read them with slabs()")
         self.start(epoch)
         self._next = None
-        return iter(self._receiver.next, None) if self._receiver is not None else self._iterator
+        return self._unpacked()
+
+    def slabs(self, epoch: int) -> Iterator[list[ServedPatch]]:
+        """Return the iterator of ``epoch``'s patches, a slab at a time, positioned at its start."""
+        if self.server is None:
+            raise RuntimeError("this BackgroundTasks has no server to lay its results out in slabs")
+        self.start(epoch)
+        self._next = None
+        if self._receiver is None:
+            return self.server.slabs(epoch, self._unpacked())
+        return self._received_slabs(self._receiver, epoch)
+
+    def _unpacked(self) -> Iterator[tuple[SubjectTask, list[dict]]]:
+        for task, result in self._iterator:
+            yield task, result.unpack() if isinstance(result, PatchPack) else result
+
+    def _served_epochs(self, first_epoch: int) -> Iterator[tuple[int, list[ServedPatch] | None]]:
+        """Each epoch's slabs from ``first_epoch`` on, then ``(epoch, None)``: what the receiver thread runs."""
+        results = self._unpacked()
+        for epoch in itertools.count(first_epoch):
+            for slab in self.server.slabs(epoch, results):
+                yield epoch, slab
+            yield epoch, None
+
+    @staticmethod
+    def _received_slabs(receiver: Receiver, epoch: int) -> Iterator[list[ServedPatch]]:
+        while True:
+            served_epoch, slab = receiver.next()
+            if served_epoch != epoch:
+                raise RuntimeError(
+                    f"PatchQueueDataset received epoch {served_epoch} while serving epoch {epoch}; please report this"
+                )
+            if slab is None:
+                return
+            yield slab
 
     def finished(self, epoch: int) -> None:
         """Record that every task of ``epoch`` was consumed, so the next epoch's work in flight is kept."""

@@ -18,17 +18,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .._checks import check_bool, check_positive_int
-from .background import BackgroundTasks, memory_outside_buffer, subjects_in_flight
-from .buffer import PatchBuffer
+from .background import BackgroundTasks, memory_outside_buffer, patches_in_slabs, subjects_in_flight
 from .planner import EpochPlanner
-from .schedule import SubjectTask, epoch_generator
-from .subject_patches import NUM_SAMPLES, SubjectError, SubjectPatches, describe_subject, patch_nbytes, raw_entries
+from .schedule import SubjectTask
+from .served_collate import register_served_collation
+from .serving import EpochServer
+from .slabs import ServedPatch
+from .subject_patches import NUM_SAMPLES, SubjectPatches, describe_subject, patch_nbytes, raw_entries
 
 __all__ = ["EpochStatistics", "PatchQueueDataset"]
 
 logger = logging.getLogger(__name__)
-
-_BUFFER_STREAM = 3
 
 
 @dataclass
@@ -68,15 +68,22 @@ class PatchQueueDataset(IterableDataset):
     registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
     so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 
+    The patches are served in slabs of up to 16 (:mod:`~monai_patchqueue.data.slabs`): they are copied, in
+    serving order, into one tensor per entry with their metadata collated, so that torch's ``default_collate``
+    returns a batch of them as slices (views) of the slab instead of stacking its tensors and header fields on
+    the training thread; with workers this happens in the queue's thread. A batch therefore shares memory with
+    its patches and keeps its slab alive (``.clone()`` a batch or patch to keep it on its own); a patch changed
+    after it was served is collated the usual way.
+
     Args:
         data: subject dicts: a MONAI datalist or a map-style dataset returning dicts (e.g. ``CacheDataset``).
         sampler: transform that returns a list of patch dicts from a subject dict: ``UniformSamplerd``,
             ``WeightedSamplerd``, ``LabelSamplerd`` or MONAI's ``RandSpatialCropSamplesd``,
             ``RandWeightedCropd``, ``RandCropByLabelClassesd``, ``RandCropByPosNegLabeld``. Entries it does not
             crop are left out of the patches (list every array you need in its ``keys``).
-        max_length: most patches held in the buffer (with workers, up to ``2 * num_workers + 2`` subjects'
-            patches are in flight besides, see :attr:`max_patches_held`; :meth:`get_max_memory` counts them and
-            the workers' shared memory).
+        max_length: most patches held in the buffer (besides, two slabs of up to 16 patches are served from and
+            filled, and with workers up to ``2 * num_workers + 1`` subjects' patches are in flight, see
+            :attr:`max_patches_held`; :meth:`get_max_memory` counts them and the workers' shared memory).
         samples_per_volume: patches per subject and epoch, whatever the sampler's ``num_samples``.
         transform: applied to each subject dict before sampling (loading, preprocessing, augmentation).
         patch_transform: applied to each patch dict after sampling.
@@ -135,6 +142,7 @@ class PatchQueueDataset(IterableDataset):
         if sampler is None:
             raise TypeError("`sampler` should be a transform returning a list of patch dicts, but got sampler=None")
         collate_metadata_per_item()
+        register_served_collation()
         self.data = data
         self.counts = _subject_counts(data, self.samples_per_volume, self.max_length)
         self.subject_sampler = subject_sampler
@@ -147,7 +155,7 @@ class PatchQueueDataset(IterableDataset):
         self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, subject_sampler)
         self._epoch = 0
         self._background: BackgroundTasks | None = None
-        self._buffered = 0
+        self._server: EpochServer | None = None
         if check_bool(start_background, "start_background"):
             self._start(self._epoch)
 
@@ -185,33 +193,21 @@ class PatchQueueDataset(IterableDataset):
         epoch = self._epoch
         self._epoch += 1
         background = self._start(epoch)
-        tasks = self._planner.tasks(epoch)
-        rank, _ = self._planner.rank_and_size()
-        rng = epoch_generator(self.seed, epoch, rank, stream=_BUFFER_STREAM) if self.shuffle_patches else None
-        yield from self._serve(epoch, tasks, background.results(epoch), PatchBuffer(rng))
+        yield from self._serve(epoch, background.slabs(epoch))
         background.finished(epoch)
 
-    def _serve(self, epoch: int, tasks: list[SubjectTask], results: Iterator, buffer: PatchBuffer) -> Iterator[dict]:
+    def _serve(self, epoch: int, slabs: Iterator[list[ServedPatch]]) -> Iterator[ServedPatch]:
         stats = EpochStatistics(epoch=epoch)
         start = time.perf_counter()
-        admitted = 0
-        for _ in range(sum(task.count for task in tasks)):
-            while admitted < len(tasks) and (len(buffer) + tasks[admitted].count <= self.max_length or not len(buffer)):
-                waited = time.perf_counter()
-                patches = self._next_result(results, tasks[admitted])
-                stats.wait_s += time.perf_counter() - waited
-                buffer.extend(patches)
-                admitted += 1
-                self._log(
-                    "epoch %d: subject %d gave %d patches (%d buffered)",
-                    epoch,
-                    tasks[admitted - 1].subject,
-                    len(patches),
-                    len(buffer),
-                )
-            self._buffered = len(buffer) - 1
-            stats.patches += 1
-            yield buffer.pop()
+        while True:
+            waited = time.perf_counter()
+            slab = next(slabs, None)
+            stats.wait_s += time.perf_counter() - waited
+            if slab is None:
+                break
+            for patch in slab:
+                stats.patches += 1
+                yield patch
         stats.elapsed_s = time.perf_counter() - start
         self.statistics = stats
         self._log(
@@ -222,29 +218,14 @@ class PatchQueueDataset(IterableDataset):
             stats.wait_s,
         )
 
-    def _next_result(self, results: Iterator, task: SubjectTask) -> list[dict]:
-        try:
-            done, patches = next(results)
-        except SubjectError:
-            raise
-        except Exception as error:
-            subject = describe_subject(self.data, task.subject)
-            raise RuntimeError(
-                f"PatchQueueDataset's background work failed while preparing {subject}: {type(error).__name__}: {error}"
-            ) from error
-        if (done.epoch, done.position) != (task.epoch, task.position):
-            raise RuntimeError(f"PatchQueueDataset received task {done} while expecting {task}; please report this")
-        if len(patches) != task.count:
-            raise RuntimeError(
-                f"{describe_subject(self.data, task.subject)} gave {len(patches)} patches, not {task.count}"
-            )
-        return patches
-
     # --- background work -------------------------------------------------------------------------------------
 
     def _start(self, epoch: int) -> BackgroundTasks:
         if self._background is None:
-            self._background = BackgroundTasks(self._work, self._planner, self.num_workers)
+            self._server = EpochServer(
+                self.data, self._planner, self.seed, self.max_length, self.shuffle_patches, self.verbose
+            )
+            self._background = BackgroundTasks(self._work, self._planner, self.num_workers, self._server)
             if self.num_workers:
                 self._background.start(epoch)
         return self._background
@@ -273,21 +254,26 @@ class PatchQueueDataset(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_background"] = None
+        state["_background"] = state["_server"] = None
         return state
 
     # --- memory and reporting --------------------------------------------------------------------------------
 
     @property
     def max_patches_held(self) -> int:
-        """Most patches held at once: the buffer plus the subjects in flight (with workers: in the workers, and
-        received ahead in this process)."""
-        return self.max_length + subjects_in_flight(self.num_workers) * max(self.counts)
+        """Most patches held at once: the buffer, the slab being served and the one filled ahead, and with
+        workers the subjects in flight (prefetched by the workers, and the one being unpacked in this process)."""
+        return (
+            self.max_length
+            + patches_in_slabs(self.max_length)
+            + subjects_in_flight(self.num_workers) * max(self.counts)
+        )
 
     def get_max_memory(self, subject: Mapping | None = None) -> int:
         """Return the most bytes the queue's patches can occupy, from one real patch: the buffer's
-        ``max_length`` patches and, with workers, the subjects received ahead in this process and the workers'
-        shared memory (a few blocks per worker, each one subject's patches rounded up to whole MiB).
+        ``max_length`` patches, the two slabs outside it and, with workers, the subject being unpacked in this
+        process and the workers' shared memory (a few blocks per worker, each one subject's patches rounded up to
+        whole MiB). Batches the training loop still holds come on top.
 
         Args:
             subject: a prepared subject dict to cut the patch from; None loads and transforms the first subject.
@@ -299,7 +285,7 @@ class PatchQueueDataset(IterableDataset):
         _, patches = work[SubjectTask(epoch=0, position=0, subject=0, count=1, seed=0)]
         subject_count = max(self.counts)
         return patch_nbytes(patches[0]) * self.max_length + memory_outside_buffer(
-            self.num_workers, patches[0], subject_count
+            self.num_workers, patches[0], subject_count, self.max_length
         )
 
     def get_max_memory_pretty(self, subject: Mapping | None = None) -> str:
@@ -315,7 +301,7 @@ class PatchQueueDataset(IterableDataset):
         return (
             f"{type(self).__name__}(subjects={len(self.counts)}, samples_per_volume={self.samples_per_volume}, "
             f"max_length={self.max_length}, num_workers={self.num_workers}, epoch={self._epoch}, "
-            f"patches_per_epoch={len(self)}, buffered={self._buffered}, "
+            f"patches_per_epoch={len(self)}, buffered={0 if self._server is None else self._server.buffered}, "
             f"background={'running' if running else 'stopped'}, seed={self.seed})"
         )
 
