@@ -9,8 +9,9 @@ from monai.data.utils import list_data_collate
 from torch.utils.data import DataLoader, default_collate
 
 from monai_patchqueue import PatchQueueDataset, UniformSamplerd
+from monai_patchqueue.data import serving
 from monai_patchqueue.data.served_collate import collate_served_patches, register_served_collation
-from monai_patchqueue.data.slabs import PatchSlab
+from monai_patchqueue.data.slabs import PatchSlab, ServedPatch
 
 register_served_collation()
 
@@ -129,3 +130,34 @@ def test_a_queue_read_by_torch_dataloader_gives_monai_batches_without_copies(bra
     for index, batch in enumerate(batches):
         assert_same(batch, list_data_collate([dict(patch) for patch in patches[4 * index : 4 * index + 4]]))
     assert len({batch["image"].untyped_storage().data_ptr() for batch in batches}) == 1  # views of one slab of 16
+
+
+def _types_seen_by(collate_fn, record: list):
+    def collate(batch):
+        record.extend(type(patch) for patch in batch)
+        return collate_fn(batch)
+
+    return collate
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_patches_are_laid_out_in_slabs_only_while_batches_are_collated_from_them(brain, num_workers):
+    """MONAI's list_data_collate stacks key by key, so slabs would be one copy more: after a few slabs without
+    a batch collated from them the queue serves patches as they are; torch's default_collate keeps them."""
+    window = serving._PROBE_WINDOW_SLABS * serving.SLAB_PATCHES
+    sampler = UniformSamplerd(["image", "label"], 8)
+    with PatchQueueDataset([brain] * 12, sampler, 16, 16, num_workers=num_workers, seed=0) as queue:
+        by_monai, by_torch = [], []
+        monai_batches = list(DataLoader(queue, batch_size=4, collate_fn=_types_seen_by(list_data_collate, by_monai)))
+        torch_batches = list(DataLoader(queue, batch_size=4, collate_fn=_types_seen_by(default_collate, by_torch)))
+        queue.set_epoch(0)
+        first_epoch = [dict(patch) for patch in queue]
+    assert len(by_monai) == len(by_torch) == 192
+    assert by_monai[:window] == [ServedPatch] * window
+    assert by_monai[window + 2 * serving.SLAB_PATCHES :] == [dict] * (192 - window - 2 * serving.SLAB_PATCHES)
+    slab = serving.SLAB_PATCHES  # each epoch starts with a slab; with workers the next chunk may be built before
+    assert by_torch[:slab] == [ServedPatch] * slab  # the first batch is collated
+    assert by_torch[2 * slab :] == [ServedPatch] * (192 - 2 * slab)
+    for index, batch in enumerate(monai_batches):  # the same patches either way
+        assert_same(batch, list_data_collate(first_epoch[4 * index : 4 * index + 4]))
+    assert len(torch_batches) == 48

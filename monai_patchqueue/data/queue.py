@@ -68,12 +68,14 @@ class PatchQueueDataset(IterableDataset):
     registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
     so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 
-    The patches are served in slabs of up to 16 (:mod:`~monai_patchqueue.data.slabs`): they are copied, in
-    serving order, into one tensor per entry with their metadata collated, so that torch's ``default_collate``
-    returns a batch of them as slices (views) of the slab instead of stacking its tensors and header fields on
-    the training thread; with workers this happens in the queue's thread. A batch therefore shares memory with
-    its patches and keeps its slab alive (``.clone()`` a batch or patch to keep it on its own); a patch changed
-    after it was served is collated the usual way.
+    Read through torch's ``default_collate`` (torch's DataLoader), the patches are served in slabs of up to 16
+    (:mod:`~monai_patchqueue.data.slabs`): they are copied, in serving order, into one tensor per entry with
+    their metadata collated, so that a batch is a slice (a view) of its slab instead of a stack of its tensors
+    and header fields built on the training thread; with workers the slabs are laid out in the queue's thread. A
+    batch therefore shares memory with its patches and keeps its slab alive (``.clone()`` a batch or patch to
+    keep it on its own); a patch changed after it was served is collated the usual way. MONAI's loaders collate
+    key by key (``list_data_collate``), which would copy the slab's rows again: when the queue sees that batches
+    are not collated from its slabs, it serves the patches as they are.
 
     Args:
         data: subject dicts: a MONAI datalist or a map-style dataset returning dicts (e.g. ``CacheDataset``).
@@ -205,6 +207,7 @@ class PatchQueueDataset(IterableDataset):
             stats.wait_s += time.perf_counter() - waited
             if slab is None:
                 break
+            self._server.probe.took(len(slab))
             for patch in slab:
                 stats.patches += 1
                 yield patch

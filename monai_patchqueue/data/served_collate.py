@@ -47,6 +47,8 @@ def collate_served_patches(batch: Sequence[dict], *, collate_fn_map: dict[type, 
     """
     collate_fn_map = default_collate_fn_map if collate_fn_map is None else collate_fn_map
     runs = _runs(batch)
+    if runs is not None and runs[-1][0].probe is not None:
+        runs[-1][0].probe.collated()
     out = {}
     for key in batch[0]:
         values = [patch[key] for patch in batch]

@@ -15,7 +15,7 @@ from typing import Any
 from .buffer import PatchBuffer
 from .planner import EpochPlanner
 from .schedule import SubjectTask, epoch_generator
-from .slabs import PatchSlab, ServedPatch
+from .slabs import CollationProbe, PatchSlab, ServedPatch
 from .subject_patches import SubjectError, describe_subject
 
 __all__ = ["SLAB_PATCHES", "EpochServer", "slab_capacity"]
@@ -26,6 +26,12 @@ SLAB_PATCHES = 16
 """Patches per slab (fewer when ``max_length`` is smaller): batches of 1, 2, 4, 8 or 16 are slices of one."""
 
 _BUFFER_STREAM = 3
+
+_PROBE_WINDOW_SLABS = 4
+"""Slabs' worth of patches taken without a batch collated from a slab before the server stops laying them out."""
+
+_PROBE_EVERY = 16
+"""After that, one chunk in this many is a slab, to notice a consumer that starts collating from them."""
 
 
 def slab_capacity(max_length: int) -> int:
@@ -38,8 +44,36 @@ def slab_capacity(max_length: int) -> int:
     return min(SLAB_PATCHES, max_length)
 
 
+class PatchChunk(list):
+    """Popped patches served as they are, when batches are not collated from slabs (see :class:`CollationProbe`).
+
+    Example:
+        >>> chunk = PatchChunk(2)
+        >>> chunk.add({"x": 0}); chunk.full, len(chunk.served())
+        (False, 1)
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+
+    def add(self, patch: dict) -> None:
+        self.append(patch)
+
+    @property
+    def full(self) -> bool:
+        return len(self) == self.capacity
+
+    def served(self) -> list[dict]:
+        return list(self)
+
+
 class EpochServer:
     """Turn the subject results of an epoch into its patches, in slabs of :func:`slab_capacity` patches.
+
+    Patches are laid out in slabs (:class:`PatchSlab`) while the consumer collates its batches from them, as
+    torch's ``default_collate`` does, and otherwise served as they are (:class:`PatchChunk`): ``probe`` decides
+    chunk by chunk. Either way the stream is the same.
 
     Args:
         data: the queue's data, to name a failing subject.
@@ -74,8 +108,10 @@ class EpochServer:
         self.shuffle_patches = shuffle_patches
         self.verbose = verbose
         self.buffered = 0  # patches in the buffer after the last pop, for the queue's repr
+        capacity = slab_capacity(max_length)
+        self.probe = CollationProbe(window=_PROBE_WINDOW_SLABS * capacity, probe_every=_PROBE_EVERY)
 
-    def slabs(self, epoch: int, results: Iterator) -> Iterator[list[ServedPatch]]:
+    def slabs(self, epoch: int, results: Iterator) -> Iterator[list[ServedPatch] | list[dict]]:
         """Yield the patches of ``epoch``, a slab at a time, pulling its tasks' ``(task, patches)`` from
         ``results`` as the buffer admits them (exactly as many as the epoch has tasks).
 
@@ -85,9 +121,10 @@ class EpochServer:
         rank, _ = self.planner.rank_and_size()
         rng = epoch_generator(self.seed, epoch, rank, stream=_BUFFER_STREAM) if self.shuffle_patches else None
         buffer = PatchBuffer(rng)
+        self.probe.new_epoch()
         admitted, total = 0, sum(task.count for task in tasks)
         capacity = slab_capacity(self.max_length)
-        slab = PatchSlab(min(capacity, total))
+        slab = self._chunk(min(capacity, total))
         try:
             for served in range(total):
                 while admitted < len(tasks) and (
@@ -100,11 +137,14 @@ class EpochServer:
                 self.buffered = len(buffer)
                 if slab.full:
                     yield slab.served()
-                    slab = PatchSlab(min(capacity, total - served - 1))
+                    slab = self._chunk(min(capacity, total - served - 1))
         except BaseException:
             if len(slab):
                 yield slab.served()
             raise
+
+    def _chunk(self, capacity: int) -> PatchSlab | PatchChunk:
+        return PatchSlab(capacity, self.probe) if self.probe.wants_slab() else PatchChunk(capacity)
 
     def _next_result(self, results: Iterator, task: SubjectTask) -> list[dict]:
         try:

@@ -11,6 +11,7 @@ slab instead of stacking every patch and every header field on the training thre
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from monai.data import MetaTensor
 from torch.utils.data import default_collate
 
-__all__ = ["PatchSlab", "ServedPatch", "SlabMeta"]
+__all__ = ["CollationProbe", "PatchSlab", "ServedPatch", "SlabMeta"]
 
 _PRECOLLATED_SCALARS = (bool, int, float, str)
 """Immutable metadata values whose collation (a tensor or a list) depends only on their type."""
@@ -58,6 +59,57 @@ class ServedPatch(dict):
         return True
 
 
+class CollationProbe:
+    """Tell whether the consumer collates its batches from the slabs, so that laying patches out in them pays.
+
+    Only torch's ``default_collate`` (torch's DataLoader) collates from slabs. MONAI's ``list_data_collate``
+    (MONAI's DataLoader and ThreadDataLoader) collates key by key and copies the rows once more, so copying
+    patches into slabs first would only add work. The consumer counts the patches it takes
+    (:meth:`took`) and the collation marks when it used a slab (:meth:`collated`); :meth:`wants_slab` says yes
+    at first, while a batch came from a slab within the last ``window`` patches taken, and otherwise for one
+    chunk in ``probe_every`` and the first chunk of each epoch (:meth:`new_epoch`), so that a consumer that
+    starts collating from slabs is noticed.
+
+    Example:
+        >>> probe = CollationProbe(window=32, probe_every=4)
+        >>> probe.wants_slab()
+        True
+        >>> probe.took(40)
+        >>> [probe.wants_slab() for _ in range(4)]
+        [False, False, False, True]
+        >>> probe.new_epoch(); probe.wants_slab(), probe.wants_slab()
+        (True, False)
+        >>> probe.collated(); probe.wants_slab()
+        True
+    """
+
+    def __init__(self, window: int, probe_every: int) -> None:
+        self.window = window
+        self.probe_every = probe_every
+        self._taken = 0
+        self._last_collated = 0
+        self._declined = 0
+
+    def took(self, count: int) -> None:
+        self._taken += count
+
+    def collated(self) -> None:
+        self._last_collated = self._taken
+
+    def new_epoch(self) -> None:
+        """Make the next chunk a slab whatever the last ones showed."""
+        self._declined = self.probe_every - 1
+
+    def wants_slab(self) -> bool:
+        if self._taken - self._last_collated < self.window:
+            return True
+        self._declined += 1
+        if self._declined < self.probe_every:
+            return False
+        self._declined = 0
+        return True
+
+
 class SlabMeta:
     """The metadata of one MetaTensor entry for all the patches of a slab, collated as MONAI collates a batch.
 
@@ -80,6 +132,7 @@ class PatchSlab:
 
     Args:
         capacity: patches the slab holds.
+        probe: told when a batch is collated from the slab.
 
     Example:
         >>> slab = PatchSlab(capacity=2)
@@ -89,8 +142,9 @@ class PatchSlab:
         (True, 1)
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, probe: CollationProbe | None = None) -> None:
         self.capacity = capacity
+        self.probe = probe
         self.data: dict[str, torch.Tensor] = {}
         self.meta: dict[str, SlabMeta] = {}
         self._types: dict[str, type] = {}  # MetaTensor or plain: what each stack's views are served as
@@ -109,16 +163,21 @@ class PatchSlab:
         if index == self.capacity:
             raise IndexError(f"this PatchSlab holds {self.capacity} patches already")
         if not index:
-            self.data = {key: _empty_stack(value, self.capacity) for key, value in patch.items() if _stackable(value)}
+            self.data = {
+                key: _empty_stack(_plain(value), self.capacity)
+                for key, value in patch.items()
+                if _stackable(_plain(value))
+            }
             self._types = {key: type(patch[key]) for key in self.data}
         served = dict(patch)
         for key, stack in list(self.data.items()):
             value = patch.get(key)
-            if not (_stackable(value) and type(value) is self._types[key] and _same_layout(value, stack)):
+            plain = _plain(value)
+            if not (type(value) is self._types[key] and _stackable(plain) and _same_layout(plain, stack)):
                 del self.data[key]  # left to per-patch collation; patches placed already stay valid views
                 continue
             view = stack[index]
-            _copy_into(view, value)
+            _copy_into(view, plain)
             served[key] = _like(view, value)
         self._patches.append(served)
 
@@ -144,20 +203,73 @@ class PatchSlab:
 
     def _collate_meta(self, key: str) -> None:
         metas = [patch[key].meta for patch in self._patches]
-        signature = _signature(metas[0])
-        if signature is None or any(_signature(meta) != signature for meta in metas[1:]):
+        names = tuple(metas[0])
+        if not names or any(tuple(meta) != names for meta in metas[1:]):
             return  # collated per batch, the usual way
-        collated = default_collate(metas)
-        self.meta[key] = SlabMeta(collated, signature)
-        rows = {name: value.unbind(0) for name, value in collated.items() if isinstance(value, torch.Tensor)}
+        groups = _HeaderGroups(metas)
+        collated, signature = {}, []
+        for position, name in enumerate(names):
+            own = groups.own[position]
+            values = [metas[index][name] for index in (range(len(metas)) if own else groups.representatives)]
+            entries = {_field_signature(value) for value in values}
+            if len(entries) != 1 or None in entries:
+                return
+            signature.append((name, *entries.pop()))
+            collated[name] = _stacked(values) if own else groups.spread(_stacked(values))
+        self.meta[key] = SlabMeta(collated, tuple(signature))
+        # a patch's own values (affine, location) become rows of the slab's, so that in-place edits reach it;
+        # values shared by several patches (a subject's header) stay shared, as they arrived: read-only
+        own_names = [name for name, own in zip(names, groups.own) if own and isinstance(collated[name], torch.Tensor)]
+        rows = {name: collated[name].unbind(0) for name in own_names}
+        if not rows:
+            return
         for index, patch in enumerate(self._patches):
             meta = dict(metas[index])
-            for name, original in meta.items():
-                if isinstance(original, torch.Tensor):
-                    meta[name] = rows[name][index]
-                elif isinstance(original, np.ndarray):
-                    meta[name] = rows[name][index].numpy()
+            for name, row in rows.items():
+                meta[name] = row[index].numpy() if isinstance(meta[name], np.ndarray) else row[index]
             patch[key].meta = meta  # the rows themselves, so in-place edits reach the collated metadata
+
+
+class _HeaderGroups:
+    """The patches of a slab grouped by the metadata objects they share (in the queue, a subject's header).
+
+    A field is a patch's ``own`` when no two patches hold the same object for it (affine, location); the others
+    are described and stacked once per group (``representatives``: a patch of each) and ``spread`` to every row.
+    """
+
+    def __init__(self, metas: list[dict]) -> None:
+        ids = [tuple(map(id, meta.values())) for meta in metas]
+        self.own = [len(set(column)) == len(metas) for column in zip(*ids)]
+        shared = [position for position, own in enumerate(self.own) if not own]
+        group_key = (lambda _: ()) if not shared else operator.itemgetter(*shared)
+        first_of: dict = {}
+        self.group_of = [first_of.setdefault(group_key(row), len(first_of)) for row in ids]
+        self.representatives = [self.group_of.index(group) for group in range(len(first_of))]
+        self._rows = torch.tensor(self.group_of)
+
+    def spread(self, collated: Any) -> Any:
+        """Rows per group to rows per patch."""
+        if len(self.representatives) == len(self.group_of):
+            return collated
+        if isinstance(collated, torch.Tensor):
+            return collated[self._rows]
+        return [collated[group] for group in self.group_of]
+
+
+def _stacked(values: list) -> Any:
+    """``default_collate`` of one metadata field's values (tensors, numeric arrays or scalars)."""
+    if isinstance(values[0], (torch.Tensor, np.ndarray)):
+        return torch.stack([torch.as_tensor(value) for value in values])
+    return default_collate(values)
+
+
+def _field_signature(value: Any) -> tuple | None:
+    """Describe a metadata value (type, dtype, shape), or return None when it is not collated per row."""
+    if type(value) is torch.Tensor or (isinstance(value, np.ndarray) and value.dtype.kind in "biufc"):
+        return type(value), value.dtype, tuple(value.shape)
+    if isinstance(value, _PRECOLLATED_SCALARS) or (isinstance(value, np.generic) and value.dtype.kind in "biufc"):
+        return type(value), None, None
+    return None
 
 
 def _stackable(value: Any) -> bool:
@@ -172,8 +284,12 @@ def _empty_stack(value: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.empty((capacity, *value.shape), dtype=value.dtype)
 
 
-def _copy_into(view: torch.Tensor, value: torch.Tensor) -> None:
-    source = value.as_tensor() if isinstance(value, MetaTensor) else value
+def _plain(value: Any) -> Any:
+    """A MetaTensor's data as a plain tensor (whose attributes skip MONAI's ``__torch_function__``)."""
+    return value.as_tensor() if isinstance(value, MetaTensor) else value
+
+
+def _copy_into(view: torch.Tensor, source: torch.Tensor) -> None:
     try:
         np.copyto(view.numpy(), source.numpy())
     except TypeError:  # dtypes NumPy lacks (e.g. bfloat16)
@@ -187,18 +303,3 @@ def _like(view: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     out = view.as_subclass(type(value))
     out.__dict__.update(value.__dict__)
     return out
-
-
-def _signature(meta: Mapping) -> tuple | None:
-    """Describe ``meta``'s entries, or return None when one has a type collated otherwise than per row."""
-    if not meta:
-        return None
-    entries = []
-    for name, value in meta.items():
-        if type(value) is torch.Tensor or (isinstance(value, np.ndarray) and value.dtype.kind in "biufc"):
-            entries.append((name, type(value), value.dtype, tuple(value.shape)))
-        elif isinstance(value, _PRECOLLATED_SCALARS) or (isinstance(value, np.generic) and value.dtype.kind in "biufc"):
-            entries.append((name, type(value), None, None))
-        else:
-            return None
-    return tuple(entries)
