@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monai_patchqueue import PatchQueueDataset, UniformSamplerd
-from monai_patchqueue.data import slabs, transport
+from monai_patchqueue.data import background, slabs, transport
 from monai_patchqueue.data.receiver import Receiver
 
 
@@ -78,12 +78,13 @@ def test_with_workers_patches_are_unpacked_and_laid_out_off_the_training_thread_
         patches = iter(queue)
         first = next(patches)  # slab 0 (4 patches: max_length) is served, slab 1 filled ahead
         time.sleep(1.0)  # the workers are done with several more subjects by now
-        # slab 0 admitted subjects 0-2, slab 1 subjects 3 and 4 (buffer of 4, 2 patches each, admitted when they fit)
-        assert (len(unpacks), len(layouts)) == (5, 2)
+        # slab 0 admitted subjects 0-2, slab 1 subjects 3 and 4 (buffer of 4, 2 patches each, admitted when they
+        # fit), and one more subject is unpacked ahead
+        assert (len(unpacks), len(layouts)) == (5 + background.SUBJECTS_UNPACKED_AHEAD, 2)
         rest = list(patches)
     assert len(rest) + 1 == 24 and first["image"].shape == (1, 4, 4, 4)
-    assert 12 <= len(unpacks) <= 12 + 3  # it may have filled the next epoch's first slab
-    assert set(unpacks) == set(layouts) == {"PatchQueueDataset receiver"}
+    assert 12 <= len(unpacks) <= 12 + 3 + background.SUBJECTS_UNPACKED_AHEAD  # it may fill the next epoch's first slab
+    assert set(unpacks) == {"PatchQueueDataset unpacker"} and set(layouts) == {"PatchQueueDataset receiver"}
 
 
 def test_without_workers_nothing_runs_in_a_thread(monkeypatch):

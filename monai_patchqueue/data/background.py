@@ -31,6 +31,8 @@ __all__ = ["BackgroundTasks"]
 
 PREFETCH_PER_WORKER = 2
 BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
+SUBJECTS_UNPACKED_AHEAD = 1
+"""Subjects a thread of the training process unpacks ahead of the serving (one waiting, or being unpacked)."""
 SLABS_AHEAD = 1
 """Slabs the receiver thread fills ahead of the consumer (it starts the next one when the consumer takes it)."""
 _SLABS_HELD = SLABS_AHEAD + 1  # outside the buffer: the one being served, the one filled (or filling) ahead
@@ -182,19 +184,19 @@ class BackgroundTasks:
         )
         self._iterator: Iterator | None = None
         self._receiver: Receiver | None = None  # with workers and a server: serves self._iterator's results ahead
+        self._unpacker: Receiver | None = None  # and unpacks them ahead of the serving, in a thread of its own
         self._next: tuple | None = None
 
     def start(self, epoch: int) -> None:
         """Have the workers work on ``epoch`` from its start, keeping work already started for it."""
         position = (epoch, self.planner.rank_and_size())
         if self._iterator is None or self._next != position:
-            if self._receiver is not None:
-                self._receiver.stop()  # before the iterator is reset under it
-                self._receiver = None
+            self._stop_threads(wait=True)  # before the iterator is reset under them
             self._stream.first_epoch = epoch
             self._iterator = iter(self._loader)
             if self.num_workers > 0 and self.server is not None:
-                self._receiver = Receiver(self._served_epochs(epoch), ahead=SLABS_AHEAD)
+                self._unpacker = Receiver(self._unpacked(), SUBJECTS_UNPACKED_AHEAD, name="PatchQueueDataset unpacker")
+                self._receiver = Receiver(self._served_epochs(epoch, self._unpacker), ahead=SLABS_AHEAD)
         self._next = position
 
     def results(self, epoch: int) -> Iterator[tuple[SubjectTask, list[dict]]]:
@@ -223,9 +225,9 @@ class BackgroundTasks:
         for task, result in self._iterator:
             yield task, result.unpack() if isinstance(result, PatchPack) else result
 
-    def _served_epochs(self, first_epoch: int) -> Iterator[tuple[int, list[ServedPatch] | None]]:
+    def _served_epochs(self, first_epoch: int, unpacker: Receiver) -> Iterator[tuple[int, list[ServedPatch] | None]]:
         """Each epoch's slabs from ``first_epoch`` on, then ``(epoch, None)``: what the receiver thread runs."""
-        results = self._unpacked()
+        results = iter(unpacker.next, None)  # the results never end: the task stream runs on
         for epoch in itertools.count(first_epoch):
             for slab in self.server.slabs(epoch, results):
                 yield epoch, slab
@@ -250,16 +252,21 @@ class BackgroundTasks:
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
         iterator, self._iterator = self._iterator, None
-        receiver, self._receiver = self._receiver, None
-        if receiver is not None:
-            # without waiting: a result it waits for may never come; it ends once the workers are gone
-            receiver.stop(wait=False)
+        # without waiting: a result they wait for may never come; they end once the workers are gone
+        self._stop_threads(wait=False)
         self._next = None
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
         self._loader._iterator = None
         close_returns(self._returns_token)
+
+    def _stop_threads(self, wait: bool) -> None:
+        receiver, unpacker = self._receiver, self._unpacker
+        self._receiver = self._unpacker = None
+        for thread in (receiver, unpacker):  # the serving first: it reads from the unpacking
+            if thread is not None:
+                thread.stop(wait=wait)
 
     @property
     def worker_pids(self) -> list[int]:

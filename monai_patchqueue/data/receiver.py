@@ -2,8 +2,10 @@
 
 With workers, the training process receives each subject's patches (mapping the worker's shared block,
 copying the patches out, rebuilding their metadata: about half a millisecond per patch of 64^3 image and label
-on a loaded 2-core machine) and lays them out in slabs in serving order (:mod:`.slabs`). Done on the training
-thread, that work fell between training steps whenever the queue was read by torch's plain ``DataLoader``.
+on a loaded 2-core machine) and serves them, laid out in slabs when batches are collated from them
+(:mod:`.slabs`). Done on the training thread, that work fell between training steps whenever the queue was read
+by torch's plain ``DataLoader``. With workers, one :class:`Receiver` unpacks subjects ahead of the serving and
+another serves them ahead of the consumer.
 :class:`Receiver` iterates over such a stream in a daemon thread, producing an item only while fewer than
 ``ahead`` wait for the consumer; the consumer takes them in the same order, so the stream is unchanged.
 Failures (a subject that could not be prepared, a worker that died) reach the consumer in their place.
@@ -28,7 +30,7 @@ class _Failure:
 
 
 class Receiver:
-    """Iterate over ``items`` in a daemon thread, at most ``ahead`` items ahead of :meth:`next`.
+    """Iterate over ``items`` in a daemon thread named ``name``, at most ``ahead`` items ahead of :meth:`next`.
 
     Example:
         >>> receiver = Receiver(iter(["a", "b"]), ahead=1)
@@ -37,12 +39,12 @@ class Receiver:
         >>> receiver.stop()
     """
 
-    def __init__(self, items: Iterator, ahead: int) -> None:
+    def __init__(self, items: Iterator, ahead: int, name: str = "PatchQueueDataset receiver") -> None:
         self._items = items
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._slots = threading.Semaphore(ahead)  # one per item made and not yet taken
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._receive, name="PatchQueueDataset receiver", daemon=True)
+        self._thread = threading.Thread(target=self._receive, name=name, daemon=True)
         self._thread.start()
 
     def _receive(self) -> None:
