@@ -190,7 +190,8 @@ def test_workers_started_by_spawn_or_forkserver_serve_the_same_stream(start_meth
     script = tmp_path / "start_method.py"
     script.write_text(_START_METHOD_SCRIPT)
     command = [sys.executable, str(script), start_method]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
     streams = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(streams["workers"]) == 2 * 5 * 3
     assert streams["workers"] == streams["in_process"]

@@ -95,3 +95,23 @@ def test_without_workers_nothing_runs_in_a_thread(monkeypatch):
         assert len(list(queue)) == 6
     assert unpacks == []  # patches made in this process are not packed at all
     assert set(layouts) == {threading.current_thread().name}
+
+
+def test_closing_the_queue_mid_epoch_ends_its_serving_thread_at_once():
+    # the unpacking thread may stay blocked in the DataLoader for a result that never comes (a daemon, until
+    # exit); the serving thread waiting on it must not keep running Python code after close()
+    data = [{"image": torch.full((1, 8, 8, 8), float(i))} for i in range(12)]
+    queue = PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=2, seed=0)
+    next(iter(queue))
+    start = time.monotonic()
+    queue.close()
+    assert time.monotonic() - start < 5
+    serving = [thread for thread in threading.enumerate() if thread.name == "PatchQueueDataset receiver"]
+    assert not any(thread.is_alive() for thread in serving)
+
+
+def test_next_on_a_stopped_receiver_raises_instead_of_waiting_forever():
+    receiver = Receiver(iter(lambda: time.sleep(10), None), ahead=1)  # an item that takes long to come
+    receiver.stop(wait=False)
+    with pytest.raises(RuntimeError, match="stopped"):
+        receiver.next()

@@ -31,6 +31,8 @@ __all__ = ["BackgroundTasks"]
 
 PREFETCH_PER_WORKER = 2
 BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
+_THREAD_EXIT_S = 2.0
+"""How long closing waits for the serving thread to end (it does within a poll once the unpacking stops)."""
 SUBJECTS_UNPACKED_AHEAD = 1
 """Subjects a thread of the training process unpacks ahead of the serving (one waiting, or being unpacked)."""
 SLABS_AHEAD = 1
@@ -252,21 +254,25 @@ class BackgroundTasks:
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
         iterator, self._iterator = self._iterator, None
-        # without waiting: a result they wait for may never come; they end once the workers are gone
-        self._stop_threads(wait=False)
+        # without waiting: the unpacking may wait for a result that never comes (it stays blocked in the
+        # DataLoader, a daemon thread, until exit); the serving, waiting on it, ends within a poll
+        threads = self._stop_threads(wait=False)
         self._next = None
         shutdown = getattr(iterator, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+        if threads:
+            threads[0].join(timeout=_THREAD_EXIT_S)
         self._loader._iterator = None
         close_returns(self._returns_token)
 
-    def _stop_threads(self, wait: bool) -> None:
-        receiver, unpacker = self._receiver, self._unpacker
+    def _stop_threads(self, wait: bool) -> list[Receiver]:
+        """Stop the serving thread, then the unpacking (both or neither run); return them in that order."""
+        threads = [thread for thread in (self._receiver, self._unpacker) if thread is not None]
         self._receiver = self._unpacker = None
-        for thread in (receiver, unpacker):  # the serving first: it reads from the unpacking
-            if thread is not None:
-                thread.stop(wait=wait)
+        for thread in threads:  # the serving first: it reads from the unpacking
+            thread.stop(wait=wait)
+        return threads
 
     @property
     def worker_pids(self) -> list[int]:

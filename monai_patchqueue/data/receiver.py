@@ -68,6 +68,8 @@ class Receiver:
                 item = self._ready.get(timeout=_POLL_S)
                 break
             except queue.Empty:
+                if self._stopping.is_set():  # e.g. a thread reading from this one, stopped with it, ends too
+                    raise RuntimeError("PatchQueueDataset's receiver was stopped") from None
                 if not self._thread.is_alive() and self._ready.empty():
                     raise RuntimeError("PatchQueueDataset's receiver stopped; please report this") from None
         self._slots.release()
@@ -84,5 +86,11 @@ class Receiver:
                 self._ready.get_nowait()
             except queue.Empty:
                 break
-        if wait and self._thread is not threading.current_thread():
-            self._thread.join()
+        if wait:
+            self.join()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the thread to end (at most ``timeout`` seconds); return whether it has."""
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
