@@ -6,7 +6,8 @@ one tensor holding the next few patches in serving order; and once the slab is f
 metadata of each MetaTensor entry for all its patches at once (one stack per header field per slab instead of
 one per field per batch). The patches it returns are :class:`ServedPatch` dicts whose tensors and metadata
 tensors are views of the slab, so :mod:`.served_collate` can hand torch's ``default_collate`` slices of the
-slab instead of stacking every patch and every header field on the training thread.
+slab instead of stacking every patch and every header field on the training thread. :class:`CollationProbe`
+tells the queue whether its batches are collated that way, so that it lays patches out only while they are.
 """
 
 from __future__ import annotations
