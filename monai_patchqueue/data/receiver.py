@@ -4,11 +4,11 @@ With workers, the training process receives each subject's patches (mapping the 
 copying the patches out, rebuilding their metadata: about half a millisecond per patch of 64^3 image and label
 on a loaded 2-core machine) and serves them, laid out in slabs when batches are collated from them
 (:mod:`.slabs`). Done on the training thread, that work fell between training steps whenever the queue was read
-by torch's plain ``DataLoader``. With workers, one :class:`Receiver` unpacks subjects ahead of the serving and
-another serves them ahead of the consumer.
-:class:`Receiver` iterates over such a stream in a daemon thread, producing an item only while fewer than
-``ahead`` wait for the consumer; the consumer takes them in the same order, so the stream is unchanged.
-Failures (a subject that could not be prepared, a worker that died) reach the consumer in their place.
+by torch's plain ``DataLoader``. :class:`Receiver` iterates over such a stream in a daemon thread, producing an
+item only while fewer than ``ahead`` wait for the consumer; the consumer takes them in the same order, so the
+stream is unchanged. With workers, one receiver unpacks subjects ahead of the serving and another serves them
+ahead of the consumer. Failures (a subject that could not be prepared, a worker that died) reach the consumer in
+their place.
 """
 
 from __future__ import annotations

@@ -108,8 +108,8 @@ class EpochServer:
         self.shuffle_patches = shuffle_patches
         self.verbose = verbose
         self.buffered = 0  # patches in the buffer after the last pop, for the queue's repr
-        capacity = slab_capacity(max_length)
-        self.probe = CollationProbe(window=_PROBE_WINDOW_SLABS * capacity, probe_every=_PROBE_EVERY)
+        self.capacity = slab_capacity(max_length)
+        self.probe = CollationProbe(window=_PROBE_WINDOW_SLABS * self.capacity, probe_every=_PROBE_EVERY)
 
     def slabs(self, epoch: int, results: Iterator) -> Iterator[list[ServedPatch] | list[dict]]:
         """Yield the patches of ``epoch``, a slab at a time, pulling its tasks' ``(task, patches)`` from
@@ -123,8 +123,7 @@ class EpochServer:
         buffer = PatchBuffer(rng)
         self.probe.new_epoch()
         admitted, total = 0, sum(task.count for task in tasks)
-        capacity = slab_capacity(self.max_length)
-        slab = self._chunk(min(capacity, total))
+        slab = self._chunk(min(self.capacity, total))
         try:
             for served in range(total):
                 while admitted < len(tasks) and (
@@ -137,7 +136,7 @@ class EpochServer:
                 self.buffered = len(buffer)
                 if slab.full:
                     yield slab.served()
-                    slab = self._chunk(min(capacity, total - served - 1))
+                    slab = self._chunk(min(self.capacity, total - served - 1))
         except BaseException:
             if len(slab):
                 yield slab.served()
