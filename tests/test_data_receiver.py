@@ -115,3 +115,41 @@ def test_next_on_a_stopped_receiver_raises_instead_of_waiting_forever():
     receiver.stop(wait=False)
     with pytest.raises(RuntimeError, match="stopped"):
         receiver.next()
+
+
+def test_closing_waits_for_the_subject_being_unpacked_and_none_is_unpacked_after(monkeypatch):
+    # a daemon thread still in torch's C++ code when the interpreter exits aborts the process: once close()
+    # returns, the unpacking thread must be done with torch
+    unpacks: list[tuple[float, float]] = []
+    unpack = transport.PatchPack.unpack
+
+    def slow_unpack(pack):
+        start = time.monotonic()
+        time.sleep(0.2)
+        patches = unpack(pack)
+        unpacks.append((start, time.monotonic()))
+        return patches
+
+    monkeypatch.setattr(transport.PatchPack, "unpack", slow_unpack)
+    data = [{"image": torch.full((1, 8, 8, 8), float(i))} for i in range(12)]
+    queue = PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=2, seed=0)
+    next(iter(queue))
+    time.sleep(0.1)  # the unpacking thread is now unpacking the next subject
+    queue.close()
+    closed = time.monotonic()
+    time.sleep(0.5)
+    assert len(unpacks) >= 2
+    assert all(end <= closed for _, end in unpacks)
+
+
+def test_queues_left_open_are_closed_at_exit():
+    earlier = set(threading.enumerate())
+    data = [{"image": torch.full((1, 8, 8, 8), float(i))} for i in range(12)]
+    queue = PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=2, seed=0)
+    next(iter(queue))
+    pids = queue.worker_pids
+    assert len(pids) == 2 and queue._background in background._OPEN
+    background._close_open_backgrounds()  # what the interpreter runs at exit
+    assert queue.worker_pids == [] and not background._OPEN
+    serving = [thread for thread in set(threading.enumerate()) - earlier if thread.name == "PatchQueueDataset receiver"]
+    assert serving == []

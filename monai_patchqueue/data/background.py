@@ -5,11 +5,20 @@ order, bounds the work in flight (``prefetch_factor`` tasks per worker), re-rais
 calling process, notices workers killed by a signal, and shuts its processes down when closed or collected.
 Its index sampler is an endless stream of tasks, epoch after epoch, so the workers keep preparing the next
 epoch's first subjects while the current epoch's last patches are consumed.
+
+With workers, two daemon threads of the training process unpack and serve those results ahead of the consumer
+(see :mod:`.receiver`). A daemon thread still inside torch's C++ code when the interpreter finalizes aborts
+the process ("terminate called without an active exception"), and a script that never closes its queue leaves
+both threads working on the next epoch; so every open :class:`BackgroundTasks` is closed at exit, and closing
+waits until neither thread can enter torch again.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
+import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from functools import partial
 
@@ -32,7 +41,8 @@ __all__ = ["BackgroundTasks"]
 PREFETCH_PER_WORKER = 2
 BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being packed, one on its way back
 _THREAD_EXIT_S = 2.0
-"""How long closing waits for the serving thread to end (it does within a poll once the unpacking stops)."""
+"""How long closing waits for the serving thread to end (it does within a poll once the unpacking stops), and
+for the unpacking thread to finish the subject it is unpacking."""
 SUBJECTS_UNPACKED_AHEAD = 1
 """Subjects a thread of the training process unpacks ahead of the serving (one waiting, or being unpacked)."""
 SLABS_AHEAD = 1
@@ -137,6 +147,16 @@ class _PackedWork(torch.utils.data.Dataset):
         return block, BlockTicket(self.token, self._worker, index, mapped=self._blocks.mapped_there(index))
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+"""Every BackgroundTasks not yet closed, closed at exit (before torch's own exit handler, registered earlier)."""
+
+
+@atexit.register
+def _close_open_backgrounds() -> None:
+    for background in list(_OPEN):
+        background.close()
+
+
 class _TaskStream:
     """Endless iterable of tasks: epoch ``first_epoch``'s plan, then the next epoch's, and so on."""
 
@@ -188,6 +208,7 @@ class BackgroundTasks:
         self._receiver: Receiver | None = None  # with workers and a server: serves self._iterator's results ahead
         self._unpacker: Receiver | None = None  # and unpacks them ahead of the serving, in a thread of its own
         self._next: tuple | None = None
+        self._unpacking = threading.Lock()  # held while a subject is unpacked; taken for good by close()
 
     def start(self, epoch: int) -> None:
         """Have the workers work on ``epoch`` from its start, keeping work already started for it."""
@@ -196,6 +217,8 @@ class BackgroundTasks:
             self._stop_threads(wait=True)  # before the iterator is reset under them
             self._stream.first_epoch = epoch
             self._iterator = iter(self._loader)
+            self._unpacking = threading.Lock()
+            _OPEN.add(self)
             if self.num_workers > 0 and self.server is not None:
                 self._unpacker = Receiver(self._unpacked(), SUBJECTS_UNPACKED_AHEAD, name="PatchQueueDataset unpacker")
                 self._receiver = Receiver(self._served_epochs(epoch, self._unpacker), ahead=SLABS_AHEAD)
@@ -224,8 +247,12 @@ class BackgroundTasks:
         return self._received_slabs(self._receiver, epoch)
 
     def _unpacked(self) -> Iterator[tuple[SubjectTask, list[dict]]]:
+        unpacking = self._unpacking  # this iterator's: close() takes it and keeps it
         for task, result in self._iterator:
-            yield task, result.unpack() if isinstance(result, PatchPack) else result
+            if isinstance(result, PatchPack):
+                with unpacking:
+                    result = result.unpack()
+            yield task, result
 
     def _served_epochs(self, first_epoch: int, unpacker: Receiver) -> Iterator[tuple[int, list[ServedPatch] | None]]:
         """Each epoch's slabs from ``first_epoch`` on, then ``(epoch, None)``: what the receiver thread runs."""
@@ -253,6 +280,7 @@ class BackgroundTasks:
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
+        _OPEN.discard(self)
         iterator, self._iterator = self._iterator, None
         # without waiting: the unpacking may wait for a result that never comes (it stays blocked in the
         # DataLoader, a daemon thread, until exit); the serving, waiting on it, ends within a poll
@@ -263,6 +291,9 @@ class BackgroundTasks:
             shutdown()
         if threads:
             threads[0].join(timeout=_THREAD_EXIT_S)
+            # the unpacking finishes the subject in hand, and never unpacks another: it can only wait in
+            # the DataLoader (plain Python waits, harmless when the interpreter exits)
+            self._unpacking.acquire(timeout=_THREAD_EXIT_S)
         self._loader._iterator = None
         close_returns(self._returns_token)
 
