@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from scipy.stats import binomtest
 from torch.utils.data import DataLoader
 
 from monai_patchqueue import LabelSamplerd, PatchQueueDataset, UniformSamplerd
+from monai_patchqueue.data.background import RESULT_POLL_S
 from monai_patchqueue.data.serving import slab_capacity
 from monai_patchqueue.transforms.functional import shifted_affine
 
@@ -167,6 +169,26 @@ def test_the_stream_is_identical_for_0_1_and_2_workers():
         with queue_of(num_workers=num_workers, seed=5) as queue:
             streams.append(stream(queue, epochs=2))
     assert streams[0] == streams[1] == streams[2]
+
+
+class _SlowSubject:
+    """A transform that takes ``seconds`` for subject ``slow`` (longer than the unpacking thread's poll)."""
+
+    def __init__(self, slow: int, seconds: float) -> None:
+        self.slow, self.seconds = slow, seconds
+
+    def __call__(self, subject: dict) -> dict:
+        if subject["id"] == self.slow:
+            time.sleep(self.seconds)
+        return subject
+
+
+def test_a_subject_slower_than_the_result_poll_changes_nothing_in_the_stream():
+    # the unpacking thread waits for each result in slices of RESULT_POLL_S and resumes the DataLoader's wait
+    # when a slice runs out: nothing may be skipped, repeated or reordered
+    slow = _SlowSubject(slow=2, seconds=4 * RESULT_POLL_S)
+    with queue_of(num_workers=0, seed=5) as zero, queue_of(num_workers=2, seed=5, transform=slow) as two:
+        assert stream(two, epochs=2) == stream(zero, epochs=2)
 
 
 def test_seeds_epochs_and_set_epoch_position_the_stream():

@@ -98,8 +98,8 @@ def test_without_workers_nothing_runs_in_a_thread(monkeypatch):
 
 
 def test_closing_the_queue_mid_epoch_ends_its_serving_thread_at_once():
-    # the unpacking thread may stay blocked in the DataLoader for a result that never comes (a daemon, until
-    # exit); the serving thread waiting on it must not keep running Python code after close()
+    # the unpacking thread may wait for a result that never comes (until its next poll); the serving thread
+    # waiting on it must not keep running Python code after close()
     data = [{"image": torch.full((1, 8, 8, 8), float(i))} for i in range(12)]
     queue = PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=2, seed=0)
     next(iter(queue))
@@ -153,3 +153,17 @@ def test_queues_left_open_are_closed_at_exit():
     assert queue.worker_pids == [] and not background._OPEN
     serving = [thread for thread in set(threading.enumerate()) - earlier if thread.name == "PatchQueueDataset receiver"]
     assert serving == []
+
+
+def test_the_unpacking_thread_ends_soon_after_close():
+    # it waits for the workers' next result in slices of RESULT_POLL_S, and ends once the queue is closed
+    earlier = set(threading.enumerate())
+    data = [{"image": torch.full((1, 8, 8, 8), float(i))} for i in range(12)]
+    queue = PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=2, seed=0)
+    next(iter(queue))
+    ours = [thread for thread in set(threading.enumerate()) - earlier if thread.name.startswith("PatchQueueDataset")]
+    assert sorted(thread.name for thread in ours) == ["PatchQueueDataset receiver", "PatchQueueDataset unpacker"]
+    queue.close()
+    for thread in ours:
+        thread.join(timeout=background.RESULT_POLL_S + 2)
+    assert not any(thread.is_alive() for thread in ours)

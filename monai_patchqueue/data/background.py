@@ -7,10 +7,13 @@ Its index sampler is an endless stream of tasks, epoch after epoch, so the worke
 epoch's first subjects while the current epoch's last patches are consumed.
 
 With workers, two daemon threads of the training process unpack and serve those results ahead of the consumer
-(see :mod:`.receiver`). A daemon thread still inside torch's C++ code when the interpreter finalizes aborts
-the process ("terminate called without an active exception"), and a script that never closes its queue leaves
-both threads working on the next epoch; so every open :class:`BackgroundTasks` is closed at exit, and closing
-waits until neither thread can enter torch again.
+(see :mod:`.receiver`). The unpacking thread waits for the workers' next result in slices of
+``RESULT_POLL_S`` (the DataLoader's ``timeout``; a wait that times out is resumed), so that it ends once the
+workers are shut down rather than waiting forever. A daemon thread still inside torch's C++ code when the
+interpreter finalizes aborts the process ("terminate called without an active exception"), and a script that
+never closes its queue leaves both threads working on the next epoch; so every open :class:`BackgroundTasks`
+is closed at exit and its threads are waited for, and closing waits until neither thread can enter torch
+again.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ BLOCKS_PER_WORKER = PREFETCH_PER_WORKER + 2  # results queued, the one being pac
 _THREAD_EXIT_S = 2.0
 """How long closing waits for the serving thread to end (it does within a poll once the unpacking stops), and
 for the unpacking thread to finish the subject it is unpacking."""
+RESULT_POLL_S = 0.25
+"""How often the unpacking thread, waiting for a result, checks whether the workers were shut down."""
+_TIMED_OUT = "DataLoader timed out"  # how torch's DataLoader says that a wait of `timeout` seconds ran out
 SUBJECTS_UNPACKED_AHEAD = 1
 """Subjects a thread of the training process unpacks ahead of the serving (one waiting, or being unpacked)."""
 SLABS_AHEAD = 1
@@ -149,12 +155,36 @@ class _PackedWork(torch.utils.data.Dataset):
 
 _OPEN: weakref.WeakSet = weakref.WeakSet()
 """Every BackgroundTasks not yet closed, closed at exit (before torch's own exit handler, registered earlier)."""
+_ENDING: weakref.WeakSet = weakref.WeakSet()
+"""The threads of closed BackgroundTasks that may still be running, each for at most ``RESULT_POLL_S``."""
 
 
 @atexit.register
 def _close_open_backgrounds() -> None:
     for background in list(_OPEN):
         background.close()
+    for thread in list(_ENDING):
+        thread.join(timeout=RESULT_POLL_S + _THREAD_EXIT_S)
+
+
+def _unpacked_results(iterator: Iterator, closed: threading.Event, unpacking: threading.Lock) -> Iterator:
+    """Yield ``iterator``'s ``(task, result)`` pairs, results unpacked; end once ``closed`` is set.
+
+    A wait that times out is resumed: torch's DataLoader raises before changing its iterator's state.
+    """
+    while True:
+        try:
+            task, result = next(iterator)
+        except RuntimeError as error:
+            if _TIMED_OUT not in str(error):
+                raise
+            if closed.is_set():
+                return
+            continue
+        if isinstance(result, PatchPack):
+            with unpacking:  # close() takes it for good: no unpacking once the workers are shut down
+                result = result.unpack()
+        yield task, result
 
 
 class _TaskStream:
@@ -201,6 +231,7 @@ class BackgroundTasks:
             num_workers=num_workers,
             collate_fn=_unchanged,
             persistent_workers=num_workers > 0,
+            timeout=RESULT_POLL_S if num_workers > 0 else 0,
             prefetch_factor=PREFETCH_PER_WORKER if num_workers > 0 else None,
             worker_init_fn=keep_freed_memory if num_workers > 0 else None,
         )
@@ -209,6 +240,7 @@ class BackgroundTasks:
         self._unpacker: Receiver | None = None  # and unpacks them ahead of the serving, in a thread of its own
         self._next: tuple | None = None
         self._unpacking = threading.Lock()  # held while a subject is unpacked; taken for good by close()
+        self._closed = threading.Event()  # set by close(): the unpacking ends instead of waiting on
 
     def start(self, epoch: int) -> None:
         """Have the workers work on ``epoch`` from its start, keeping work already started for it."""
@@ -217,7 +249,7 @@ class BackgroundTasks:
             self._stop_threads(wait=True)  # before the iterator is reset under them
             self._stream.first_epoch = epoch
             self._iterator = iter(self._loader)
-            self._unpacking = threading.Lock()
+            self._unpacking, self._closed = threading.Lock(), threading.Event()
             _OPEN.add(self)
             if self.num_workers > 0 and self.server is not None:
                 self._unpacker = Receiver(self._unpacked(), SUBJECTS_UNPACKED_AHEAD, name="PatchQueueDataset unpacker")
@@ -247,12 +279,7 @@ class BackgroundTasks:
         return self._received_slabs(self._receiver, epoch)
 
     def _unpacked(self) -> Iterator[tuple[SubjectTask, list[dict]]]:
-        unpacking = self._unpacking  # this iterator's: close() takes it and keeps it
-        for task, result in self._iterator:
-            if isinstance(result, PatchPack):
-                with unpacking:
-                    result = result.unpack()
-            yield task, result
+        return _unpacked_results(self._iterator, self._closed, self._unpacking)
 
     def _served_epochs(self, first_epoch: int, unpacker: Receiver) -> Iterator[tuple[int, list[ServedPatch] | None]]:
         """Each epoch's slabs from ``first_epoch`` on, then ``(epoch, None)``: what the receiver thread runs."""
@@ -281,9 +308,10 @@ class BackgroundTasks:
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
         _OPEN.discard(self)
+        self._closed.set()
         iterator, self._iterator = self._iterator, None
-        # without waiting: the unpacking may wait for a result that never comes (it stays blocked in the
-        # DataLoader, a daemon thread, until exit); the serving, waiting on it, ends within a poll
+        # without waiting: the unpacking may wait for a result that never comes (it ends within RESULT_POLL_S
+        # of the workers' shutdown); the serving, waiting on it, ends within a poll
         threads = self._stop_threads(wait=False)
         self._next = None
         shutdown = getattr(iterator, "_shutdown_workers", None)
@@ -291,9 +319,9 @@ class BackgroundTasks:
             shutdown()
         if threads:
             threads[0].join(timeout=_THREAD_EXIT_S)
-            # the unpacking finishes the subject in hand, and never unpacks another: it can only wait in
-            # the DataLoader (plain Python waits, harmless when the interpreter exits)
+            # the unpacking finishes the subject in hand and unpacks no other; it ends within RESULT_POLL_S
             self._unpacking.acquire(timeout=_THREAD_EXIT_S)
+            _ENDING.update(threads)
         self._loader._iterator = None
         close_returns(self._returns_token)
 
