@@ -21,6 +21,8 @@ import torch
 from monai.data import MetaTensor
 from torch.utils.data import default_collate
 
+from .transport import copy_in_this_thread
+
 __all__ = ["CollationProbe", "PatchSlab", "ServedPatch", "SlabMeta"]
 
 _PRECOLLATED_SCALARS = (bool, int, float, str)
@@ -129,7 +131,7 @@ class PatchSlab:
 
     Entries stacked are the tensors (plain or MetaTensor, on the CPU) of the first patch; a later patch whose
     entry differs in type, shape or dtype leaves that entry out of the slab (its patches keep their own
-    tensors). Copies go through NumPy, in the calling thread (see :func:`.transport._copied` on why).
+    tensors). Copies go through NumPy, in the calling thread (see :func:`.transport.copy_in_this_thread` on why).
 
     Args:
         capacity: patches the slab holds.
@@ -178,7 +180,7 @@ class PatchSlab:
                 del self.data[key]  # left to per-patch collation; patches placed already stay valid views
                 continue
             view = stack[index]
-            _copy_into(view, plain)
+            copy_in_this_thread(plain, view)
             served[key] = _like(view, value)
         self._patches.append(served)
 
@@ -288,13 +290,6 @@ def _empty_stack(value: torch.Tensor, capacity: int) -> torch.Tensor:
 def _plain(value: Any) -> Any:
     """A MetaTensor's data as a plain tensor (whose attributes skip MONAI's ``__torch_function__``)."""
     return value.as_tensor() if isinstance(value, MetaTensor) else value
-
-
-def _copy_into(view: torch.Tensor, source: torch.Tensor) -> None:
-    try:
-        np.copyto(view.numpy(), source.numpy())
-    except TypeError:  # dtypes NumPy lacks (e.g. bfloat16)
-        view.copy_(source)
 
 
 def _like(view: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ..transforms.functional import new_metatensor
 from .block_lender import BlockLender
 from .shared_blocks import aligned, block_view, mapped_block, return_block
 
-__all__ = ["PatchPack", "pack_nbytes"]
+__all__ = ["PatchPack", "copy_in_this_thread", "pack_nbytes"]
 
 
 def _tensor_from_numpy(array: np.ndarray) -> torch.Tensor:
@@ -99,17 +99,28 @@ def _stackable(values: list) -> bool:
     )
 
 
-def _copied(view: torch.Tensor) -> torch.Tensor:
-    """Return a copy of ``view`` made by one plain memory copy in this thread.
+def copy_in_this_thread(source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Return a copy of ``source`` (written into ``out`` when given) made by plain memory copies in this thread.
 
     torch splits a copy this large across its intra-op threads, whose spinning afterwards (OpenMP's default
     wait policy) took more CPU from the workers than the copy itself on a 2-core machine; NumPy copies in the
-    calling thread. Dtypes NumPy lacks (e.g. bfloat16) are cloned by torch.
+    calling thread. Dtypes NumPy lacks (e.g. bfloat16) are copied by torch.
+
+    Example:
+        >>> out = torch.zeros(3)
+        >>> copy_in_this_thread(torch.arange(3.0), out) is out, out.tolist()
+        (True, [0.0, 1.0, 2.0])
+        >>> halves = torch.ones(2, dtype=torch.bfloat16)  # a dtype NumPy lacks: torch copies it
+        >>> copy_in_this_thread(halves).tolist(), copy_in_this_thread(halves, torch.zeros_like(halves)).tolist()
+        ([1.0, 1.0], [1.0, 1.0])
     """
     try:
-        return torch.from_numpy(view.numpy().copy())
+        if out is None:
+            return torch.from_numpy(source.numpy().copy())
+        np.copyto(out.numpy(), source.numpy())
+        return out
     except TypeError:
-        return view.clone()
+        return source.clone() if out is None else out.copy_(source)
 
 
 def _with_trace(view: torch.Tensor, trace: tuple, index: int) -> MetaTensor:
@@ -214,7 +225,7 @@ class PatchPack:
             for key in keys or others:
                 if key in stacked:
                     view = stacked[key][index]
-                    view = _copied(view) if copy_out and key in self.layout else view
+                    view = copy_in_this_thread(view) if copy_out and key in self.layout else view
                     patch[key] = view if key not in traces else _with_trace(view, traces[key], index)
                 else:
                     patch[key] = others[key]
