@@ -132,6 +132,29 @@ def test_patch_pack_sends_the_header_once_and_collates_as_monai_does():
         assert ours[key].dtype == monai[key].dtype and ours[key].shape == monai[key].shape
 
 
+def test_patch_pack_sends_once_only_header_values_every_patch_holds_alike():
+    def patch(**header):
+        return {"image": MetaTensor(torch.zeros(1, 2, 2), meta=header)}
+
+    same = np.array([1.0, np.nan])
+    patches = [
+        patch(kept=same.copy(), gone=np.array(1), value=np.array([1, 2]), kind=np.uint8([1]), shape=np.array([1, 2])),
+        patch(kept=same.copy(), gone=np.array(1), value=np.array([1, 3]), kind=np.uint8([1]), shape=np.array([1, 2])),
+        patch(kept=same.copy(), value=np.array([1, 2]), kind=np.int8([1]), shape=np.array([[1, 2]])),
+    ]
+    pack = PatchPack(patches)
+    shared, _, _ = pickle.loads(pack.metadata)[1]["image"]
+    assert "kept" in shared  # equal bytes in every patch, NaN included
+    # missing once, a different value, the same bytes as another dtype or shape
+    assert not {"gone", "value", "kind", "shape"} & shared.keys()
+    for before, after in zip(patches, pack.unpack()):
+        for key, value in before["image"].meta.items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(after["image"].meta[key], value)
+                assert after["image"].meta[key].dtype == value.dtype and after["image"].meta[key].shape == value.shape
+        assert ("gone" in after["image"].meta) == ("gone" in before["image"].meta)
+
+
 def test_patch_pack_keeps_patches_with_different_keys():
     patches = [{"image": torch.zeros(2)}, {"image": torch.ones(2), "more": 1}]
     unpacked = PatchPack(patches).unpack()

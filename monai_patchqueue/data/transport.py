@@ -48,6 +48,9 @@ def _dumps(obj: object) -> bytes:
     return buffer.getvalue()
 
 
+_MISSING = object()
+
+
 def _same(a: object, b: object) -> bool:
     if a is b:
         return True
@@ -74,16 +77,36 @@ def _split_shared(metas: list[dict]) -> tuple[dict, list[dict]]:
     A subject's patches share most of their metadata (the file header); sending it once per subject keeps the
     pickled metadata small. The shared values are read-only in the training process.
     """
-    first = metas[0]
-    shared = {key: value for key, value in first.items() if all(key in m and _same(m[key], value) for m in metas[1:])}
+    first, others = metas[0], metas[1:]
+    shared = {key: value for key, value in first.items() if _held_by_all(others, key, value)}
     return shared, [{key: value for key, value in m.items() if key not in shared} for m in metas]
+
+
+def _held_by_all(metas: list[dict], key: str, value: object) -> bool:
+    """Whether every dict of ``metas`` holds ``value``, or a value :func:`_same` as it, under ``key``."""
+    if not isinstance(value, np.ndarray):
+        return all(key in m and _same(m[key], value) for m in metas)
+    raw = value.tobytes()  # once, not once per dict: a header holds some 40 small arrays
+    for m in metas:
+        other = m.get(key, _MISSING)
+        if other is not value and not (
+            isinstance(other, np.ndarray)
+            and other.dtype == value.dtype
+            and other.shape == value.shape
+            and other.tobytes() == raw
+        ):
+            return False
+    return True
 
 
 def _stackable(values: list) -> bool:
     first = values[0]
-    return isinstance(first, torch.Tensor) and all(
-        type(value) is type(first) and value.shape == first.shape and value.dtype == first.dtype for value in values
-    )
+    if not isinstance(first, torch.Tensor):
+        return False
+    with torch._C.DisableTorchFunctionSubclass():  # `shape` and `dtype` of MetaTensors, without MONAI's dispatch
+        return all(
+            type(value) is type(first) and value.shape == first.shape and value.dtype == first.dtype for value in values
+        )
 
 
 def copy_in_this_thread(source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
