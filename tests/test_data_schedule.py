@@ -118,11 +118,8 @@ def test_patch_pack_sends_the_header_once_and_collates_as_monai_does():
     assert {"dim", "scl_slope", "intent_name", "n"} <= shared.keys()  # NaN == NaN for the header: sent once
     assert all("scl_slope" not in meta for meta in own)
     unpacked = pack.unpack()
-    # header values arrive as they were loaded (NumPy), as without workers: MONAI's stack deep-copies the first
-    # patch's meta, for which tensors cost ten times as much as arrays
-    assert all(type(p["image"].meta["dim"]) is np.ndarray for p in unpacked)
-    np.testing.assert_array_equal(unpacked[0]["image"].meta["dim"], header["dim"])
-    assert isinstance(unpacked[0]["image"].meta["intent_name"], np.ndarray)
+    assert isinstance(unpacked[0]["image"].meta["dim"], torch.Tensor)  # numeric header values: tensors
+    assert isinstance(unpacked[0]["image"].meta["intent_name"], np.ndarray)  # strings stay NumPy
     for patch in (*patches, *unpacked):
         del patch["image"].meta["intent_name"]  # which no collation takes
     ours = list_data_collate([{"image": p["image"]} for p in unpacked])["image"].meta
