@@ -54,8 +54,8 @@ _MISSING = object()
 def _same(a: object, b: object) -> bool:
     if a is b:
         return True
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):  # bytes: NaN header fields compare equal
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return _array_identity(a) == _array_identity(b)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
     if isinstance(a, (np.ndarray, torch.Tensor)) or isinstance(b, (np.ndarray, torch.Tensor)):
@@ -64,6 +64,11 @@ def _same(a: object, b: object) -> bool:
         return type(a) is type(b) and (bool(a == b) or _both_nan(a, b))
     except Exception:  # values whose comparison is not a plain bool
         return False
+
+
+def _array_identity(array: np.ndarray) -> tuple:
+    """Return what makes two arrays the same metadata value: dtype, shape and bytes (NaN fields compare equal)."""
+    return array.dtype, array.shape, array.tobytes()
 
 
 def _both_nan(a: object, b: object) -> bool:
@@ -99,15 +104,10 @@ def _held_by_all(metas: list[dict], key: str, value: object) -> bool:
     """Whether every dict of ``metas`` holds ``value``, or a value :func:`_same` as it, under ``key``."""
     if not isinstance(value, np.ndarray):
         return all(key in m and _same(m[key], value) for m in metas)
-    raw = value.tobytes()  # once, not once per dict: a header holds some 40 small arrays
+    identity = _array_identity(value)  # once, not once per dict: a header holds some 40 small arrays
     for m in metas:
         other = m.get(key, _MISSING)
-        if other is not value and not (
-            isinstance(other, np.ndarray)
-            and other.dtype == value.dtype
-            and other.shape == value.shape
-            and other.tobytes() == raw
-        ):
+        if other is not value and not (isinstance(other, np.ndarray) and _array_identity(other) == identity):
             return False
     return True
 
