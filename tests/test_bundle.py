@@ -19,13 +19,15 @@ FAST_TRAINING = {"max_epochs": "1", "val_interval": "1", "samples_per_volume": "
 
 
 def _run_bundle(config: str, **overrides: str) -> str:
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config),
+    # -X faulthandler: a crash (e.g. an abort at exit) prints every thread's Python stack into the failure message
+    command = [sys.executable, "-X", "faulthandler", "-m", "monai.bundle", "run",
+               "--config_file", str(CONFIGS / config),
                "--meta_file", str(CONFIGS / "metadata.json"), "--logging_file", str(CONFIGS / "logging.conf"),
                "--bundle_root", str(BUNDLE)]  # fmt: skip
     for key, value in overrides.items():
         command += [f"--{key}", value]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=BUNDLE)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result.stdout + result.stderr
 
 

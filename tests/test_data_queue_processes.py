@@ -161,8 +161,10 @@ def test_a_script_that_never_closes_its_queue_leaves_no_orphans(nifti_subjects, 
     """)
     )
     # the script ends while the queue's threads work on the next epoch: they must not abort the exit
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # -X faulthandler: an abort prints every thread's Python stack into the failure message
+    command = [sys.executable, "-X", "faulthandler", str(script)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-6000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["count"] == 8 and len(report["pids"]) == 2
     assert wait_until_gone(report["pids"])
