@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import time
 
@@ -122,6 +123,21 @@ def test_monai_loaders_collate_queue_patches(loader):
         batches = list(loader(queue, batch_size=4))
     assert sum(len(b["id"]) for b in batches) == 24
     assert isinstance(batches[0]["image"], MetaTensor) and batches[0]["image"].affine.shape == (4, 4, 4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_epoch_abandoned_part_way_leaves_nothing_behind(num_workers, monkeypatch):
+    unraisable = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    with queue_of(max_length=16, num_workers=num_workers) as queue:
+        for epoch in range(6):  # MONAI's loader: once the queue sees it, it serves chunks after each first slab
+            for index, _batch in enumerate(MonaiDataLoader(queue, batch_size=2)):
+                if epoch == 5 and index == 10:  # within the chunk after the first slab of 16: the consumer stops
+                    break
+        gc.collect()
+        assert sum(len(b["id"]) for b in MonaiDataLoader(queue, batch_size=2)) == len(queue)
+    gc.collect()
+    assert [hook.exc_value for hook in unraisable] == []
 
 
 def test_shuffle_subjects_changes_the_order_between_epochs():

@@ -65,7 +65,10 @@ class PatchChunk(list):
         return len(self) == self.capacity
 
     def served(self) -> list[dict]:
-        return list(self)
+        """Hand the patches over, leaving the chunk empty (as :meth:`PatchSlab.served` leaves its slab)."""
+        patches = list(self)
+        self.clear()
+        return patches
 
 
 class EpochServer:
@@ -115,7 +118,8 @@ class EpochServer:
         """Yield the patches of ``epoch``, a slab at a time, pulling its tasks' ``(task, patches)`` from
         ``results`` as the buffer admits them (exactly as many as the epoch has tasks).
 
-        A failure while a slab fills comes after the patches popped before it.
+        A failure while a slab fills comes after the patches popped before it; an interruption (e.g.
+        ``KeyboardInterrupt``, or the consumer closing the epoch) ends the epoch at once.
         """
         tasks = self.planner.tasks(epoch)
         rank, _ = self.planner.rank_and_size()
@@ -137,7 +141,7 @@ class EpochServer:
                 if slab.full:
                     yield slab.served()
                     slab = self._chunk(min(self.capacity, total - served - 1))
-        except BaseException:
+        except Exception:
             if len(slab):
                 yield slab.served()
             raise
