@@ -121,6 +121,18 @@ def started_queue(data: list[dict]) -> tuple[PatchQueueDataset, list[int]]:
     return queue, queue.worker_pids
 
 
+def test_an_iteration_overtaken_by_a_newer_one_raises_and_the_newer_one_is_whole(nifti_subjects):
+    with nifti_queue(nifti_subjects, num_workers=2) as queue:
+        loader = DataLoader(queue, batch_size=2)
+        older = iter(loader)
+        next(older)
+        newer = iter(loader)
+        assert len(next(newer)["image"]) == 2
+        with pytest.raises(RuntimeError, match="a newer iteration of it started"):
+            list(older)
+        assert 2 + sum(len(batch["image"]) for batch in newer) == len(queue)
+
+
 def test_close_context_exit_and_garbage_collection_stop_the_workers(nifti_subjects):
     queue, pids = started_queue(nifti_subjects)
     list(queue)

@@ -55,7 +55,8 @@ class PatchQueueDataset(IterableDataset):
     The stream is reproducible: with ``seed`` (or :meth:`set_random_state`), which subject, which location and
     which order depend only on the seed and the epoch, not on ``num_workers``. Each epoch draws afresh; the
     epoch advances at every iteration and :meth:`set_epoch` positions it. Random transforms must draw from
-    their own ``R`` (all MONAI transforms do), which the queue seeds per subject.
+    their own ``R`` (all MONAI transforms do), which the queue seeds per subject. With workers the queue serves one
+    iteration at a time: an iterator overtaken by a newer one raises a RuntimeError that says so.
 
     Under DDP (``torch.distributed`` initialised, or a ``DistributedSampler`` as ``subject_sampler``) each
     rank takes a disjoint share of the subjects and every rank yields the same number of patches.

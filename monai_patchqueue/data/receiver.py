@@ -69,7 +69,11 @@ class Receiver:
                 break
             except queue.Empty:
                 if self._stopping.is_set():  # e.g. a thread reading from this one, stopped with it, ends too
-                    raise RuntimeError("PatchQueueDataset's receiver was stopped") from None
+                    raise RuntimeError(
+                        "this iteration of the PatchQueueDataset was stopped: the queue was closed or reseeded, or "
+                        "a newer iteration of it started. With workers a queue serves one iteration at a time: "
+                        "finish or drop an iterator before you ask for the next"
+                    ) from None
                 if not self._thread.is_alive() and self._ready.empty():
                     raise RuntimeError("PatchQueueDataset's receiver stopped; please report this") from None
         self._slots.release()
