@@ -5,10 +5,12 @@ sampler per run. The training process is fresh: nothing large was allocated in i
 in a training script that builds its queue first. With ``--default-worker-allocator`` the workers keep glibc's
 defaults instead of :func:`monai_patchqueue.keep_freed_memory`, to measure what that does; with
 ``--keep-freed-memory`` the training process calls it too (as a training script may), which spares the
-collation of every batch from faulting in fresh pages.
+collation of every batch from faulting in fresh pages. With ``--no-track-meta`` MONAI's metadata tracking is off
+(``set_track_meta(False)``, inherited by the forked workers): patches and batches are plain tensors, to measure
+what the per-patch MetaTensors cost.
 
     python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
-        [--default-worker-allocator] [--keep-freed-memory] [--step-ms 0] [--our-batches thread]
+        [--default-worker-allocator] [--keep-freed-memory] [--no-track-meta] [--step-ms 0] [--our-batches thread]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import bench_queue
 import torch
+from monai.data import set_track_meta
 
 from monai_patchqueue import keep_freed_memory
 from monai_patchqueue.data import background
@@ -48,6 +51,7 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--default-worker-allocator", action="store_true")
     parser.add_argument("--keep-freed-memory", action="store_true", help="call keep_freed_memory() here too")
+    parser.add_argument("--no-track-meta", action="store_true", help="set_track_meta(False): plain tensor patches")
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch of 8")
     parser.add_argument("--our-batches", choices=("thread", "torch"), default="thread")
     parser.add_argument("--data", type=Path, default=bench_queue.RESULTS / "queue_data")
@@ -57,6 +61,8 @@ def main() -> None:
         background.keep_freed_memory = None  # read when the queue builds its worker pool
     if args.keep_freed_memory:
         keep_freed_memory()
+    if args.no_track_meta:
+        set_track_meta(False)  # before the queue forks its workers, which inherit it
     datalist = bench_queue.make_subjects(args.data, args.format)
     contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None, args.our_batches)
     step_s = args.step_ms / 1e3
@@ -73,7 +79,8 @@ def main() -> None:
     here = "keep_freed_memory" if args.keep_freed_memory else "glibc defaults"
     print(
         f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}, "
-        f"training process allocator: {here}, step {args.step_ms:g} ms, {args.our_batches} batches: "
+        f"training process allocator: {here}, metadata {'off' if args.no_track_meta else 'tracked'}, "
+        f"step {args.step_ms:g} ms, {args.our_batches} batches: "
         f"{patches / wall:.0f} patches/s, waited {waited / wall:.1%} after each epoch's first batch; "
         f"CPU per patch {training / patches * 1e3:.2f} ms training process + "
         f"{workers / patches * 1e3:.2f} ms workers = {(training + workers) / patches * 1e3:.2f} ms"

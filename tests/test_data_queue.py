@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader as MonaiDataLoader
-from monai.data import MetaTensor, ThreadDataLoader
+from monai.data import MetaTensor, ThreadDataLoader, set_track_meta
 from monai.transforms import (
     Compose,
     Lambdad,
@@ -115,6 +115,23 @@ def test_batches_carry_each_patch_affine_and_location():
         box = tuple(slice(a, b) for a, b in zip(start, batch["location"][i, 3:].tolist()))
         assert torch.equal(batch["image"][i].as_tensor(), subject["image"][(slice(None), *box)].as_tensor())
     queue.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_without_metadata_tracking_patches_are_plain_tensors_cut_at_their_location(num_workers):
+    set_track_meta(False)  # forked workers inherit it
+    try:
+        with queue_of(num_workers=num_workers) as queue:
+            batches = list(ThreadDataLoader(queue, batch_size=4))
+    finally:
+        set_track_meta(True)
+    assert sum(len(batch["id"]) for batch in batches) == len(queue)
+    batch = batches[0]
+    assert type(batch["image"]) is torch.Tensor and type(batch["label"]) is torch.Tensor
+    for i in range(4):
+        start, end = batch["location"][i, :3].tolist(), batch["location"][i, 3:].tolist()
+        box = (slice(None), *(slice(a, b) for a, b in zip(start, end)))
+        assert torch.equal(batch["image"][i], subjects()[int(batch["id"][i])]["image"][box].as_tensor())
 
 
 @pytest.mark.parametrize("loader", [MonaiDataLoader, ThreadDataLoader])
