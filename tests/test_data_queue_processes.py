@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from monai.bundle import ConfigParser
+from monai.data import ThreadDataLoader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 from torch.utils.data import DataLoader
 
@@ -87,6 +89,34 @@ def test_a_missing_file_raises_in_the_loop_naming_the_subject_and_file(nifti_sub
             for _ in queue:
                 served += 1
         assert served >= 4
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_failure_monais_thread_loader_does_not_pass_on_is_raised_by_the_next_iteration(
+    nifti_subjects, num_workers, monkeypatch
+):
+    died_of = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died_of.append(args.exc_value))
+    data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
+    with nifti_queue(data, num_workers=num_workers, shuffle_subjects=False) as queue:
+        served = sum(len(batch["id"]) for batch in ThreadDataLoader(queue, batch_size=2))
+        assert served < len(queue)  # MONAI's loader ended the epoch early: its thread died of the failure
+        assert [type(error) for error in died_of] == [SubjectError]
+        with pytest.raises(SubjectError, match=r"(?s)epoch 0 stopped early .*subject 4 .*missing_brain") as raised:
+            next(iter(ThreadDataLoader(queue, batch_size=2)))
+        assert raised.value.__cause__ is died_of[0]
+        # raised once: the next epoch runs again (and meets the missing file in the loader's thread again)
+        assert sum(len(batch["id"]) for batch in ThreadDataLoader(queue, batch_size=2)) < len(queue)
+        assert len(died_of) == 2
+
+
+def test_a_failure_the_loop_saw_is_not_raised_again(nifti_subjects):
+    data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
+    with nifti_queue(data, shuffle_subjects=False) as queue:
+        with pytest.raises(SubjectError, match="missing_brain"):
+            list(DataLoader(queue, batch_size=2))
+        first = next(iter(DataLoader(queue, batch_size=2)))  # the next epoch starts with patches
+        assert len(first["id"]) == 2
 
 
 def test_a_killed_worker_raises_instead_of_hanging(nifti_subjects):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .schedule import SubjectTask
 from .served_collate import register_served_collation
 from .serving import EpochServer
 from .slabs import ServedPatch
-from .subject_patches import NUM_SAMPLES, SubjectPatches, describe_subject, patch_nbytes, raw_entries
+from .subject_patches import NUM_SAMPLES, SubjectError, SubjectPatches, describe_subject, patch_nbytes, raw_entries
 
 __all__ = ["EpochStatistics", "PatchQueueDataset"]
 
@@ -65,7 +66,9 @@ class PatchQueueDataset(IterableDataset):
     a DataLoader worker raises at the first iteration rather than duplicate patches), or better with MONAI's
     ``ThreadDataLoader(queue, batch_size=B, buffer_size=2)``, which collates the next batches in a thread while
     the training step runs instead of between steps (with workers, a thread of the queue already receives and
-    unpacks their patches ahead). Creating a queue
+    unpacks their patches ahead). MONAI's ``ThreadDataLoader`` does not pass an error of its thread on: a
+    failing subject ends that epoch early (the error printed), and the queue raises it at the next iteration
+    instead; with torch's ``DataLoader`` it is raised in the loop at once. Creating a queue
     registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
     so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 
@@ -157,6 +160,7 @@ class PatchQueueDataset(IterableDataset):
         )
         self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, subject_sampler)
         self._epoch = 0
+        self._unreported_failure: Exception | None = None
         self._background: BackgroundTasks | None = None
         self._server: EpochServer | None = None
         if check_bool(start_background, "start_background"):
@@ -192,11 +196,27 @@ class PatchQueueDataset(IterableDataset):
         return self
 
     def __iter__(self) -> Iterator[dict]:
+        """Return the iterator of the next epoch's patches; first raise a failure that an earlier epoch met in
+        a thread that did not pass it on to the training loop (see :meth:`_epoch_patches`)."""
+        failure, self._unreported_failure = self._unreported_failure, None
+        if failure is not None:
+            raise failure
+        return self._epoch_patches(threading.current_thread())
+
+    def _epoch_patches(self, consumer: threading.Thread) -> Iterator[dict]:
+        """Serve the next epoch. A failure raised in a thread other than ``consumer`` (the one that asked for the
+        iterator) is also kept for the next :meth:`__iter__`: MONAI's ``ThreadDataLoader`` fetches in a thread
+        that dies of it, printing it, and ends the epoch early as if it were complete."""
         _refuse_outer_workers(self.num_workers)
         epoch = self._epoch
         self._epoch += 1
         background = self._start(epoch)
-        yield from self._serve(epoch, background.slabs(epoch))
+        try:
+            yield from self._serve(epoch, background.slabs(epoch))
+        except Exception as error:
+            if threading.current_thread() is not consumer:
+                self._unreported_failure = _unreported(error, epoch, threading.current_thread().name)
+            raise
         background.finished(epoch)
 
     def _serve(self, epoch: int, slabs: Iterator[list[ServedPatch]]) -> Iterator[ServedPatch]:
@@ -258,7 +278,7 @@ class PatchQueueDataset(IterableDataset):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_background"] = state["_server"] = None
+        state["_background"] = state["_server"] = state["_unreported_failure"] = None
         return state
 
     # --- memory and reporting --------------------------------------------------------------------------------
@@ -374,6 +394,17 @@ def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list
             raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")
         counts.append(count)
     return counts
+
+
+def _unreported(error: Exception, epoch: int, thread: str) -> Exception:
+    """The error that the next iteration raises for ``error``, met in epoch ``epoch`` by thread ``thread``."""
+    kind = SubjectError if isinstance(error, SubjectError) else RuntimeError
+    unreported = kind(
+        f"epoch {epoch} stopped early at a failure raised in thread {thread!r}, which did not pass it on to the "
+        f"training loop (MONAI's ThreadDataLoader does not; torch's DataLoader does): {error}"
+    )
+    unreported.__cause__ = error
+    return unreported
 
 
 def _refuse_outer_workers(num_workers: int) -> None:
