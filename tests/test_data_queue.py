@@ -80,6 +80,14 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
         queue_of(**kwargs)
 
 
+@pytest.mark.parametrize(("count", "error"), [(0, ValueError), (2.5, TypeError), ("4", TypeError)])
+def test_a_subject_count_that_is_not_a_positive_integer_raises_naming_the_subject(count, error):
+    with pytest.raises(
+        error, match=rf"subject 1 \{{.*\}}: `num_samples` should be a positive integer, but got num_samples={count!r}"
+    ):
+        queue_of(subjects(counts={1: count}))
+
+
 def test_a_subject_asking_for_more_patches_than_the_buffer_holds_raises():
     with pytest.raises(ValueError, match=r"subject 2 .*num_samples=9 > max_length=8"):
         queue_of(subjects(counts={2: 9}))

@@ -388,8 +388,8 @@ def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list
         count = entry.get(NUM_SAMPLES, samples_per_volume)
         try:
             count = check_positive_int(count, NUM_SAMPLES)
-        except (TypeError, ValueError):  # describe the subject (a scan of the datalist) only when raising
-            check_positive_int(count, f"num_samples of {describe_subject(data, index)}")
+        except (TypeError, ValueError) as error:  # describe the subject (a scan of the datalist) only when raising
+            raise type(error)(f"{describe_subject(data, index)}: {error}") from None
         if count > max_length:
             raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")
         counts.append(count)
