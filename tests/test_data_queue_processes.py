@@ -110,6 +110,26 @@ def test_a_failure_monais_thread_loader_does_not_pass_on_is_raised_by_the_next_i
         assert len(died_of) == 2
 
 
+def test_monais_trainer_reading_through_thread_loader_stops_at_a_failing_subject(nifti_subjects, monkeypatch):
+    from monai.engines import SupervisedTrainer
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the loader's thread prints what it died of
+    data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
+    network = torch.nn.Conv3d(1, 1, 1)
+    with nifti_queue(data, num_workers=2) as queue:
+        trainer = SupervisedTrainer(
+            device="cpu",
+            max_epochs=1,  # the only epoch is the last: ignite restarts the loader when it ends short
+            train_data_loader=ThreadDataLoader(queue, batch_size=2),
+            network=network,
+            optimizer=torch.optim.SGD(network.parameters(), lr=0.1),
+            loss_function=torch.nn.L1Loss(),
+            prepare_batch=lambda batch, device, non_blocking, **kwargs: (batch["image"], batch["image"]),
+        )
+        with pytest.raises(SubjectError, match="missing_brain"):
+            trainer.run()
+
+
 def test_a_failure_the_loop_saw_is_not_raised_again(nifti_subjects):
     data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
     with nifti_queue(data, shuffle_subjects=False) as queue:
