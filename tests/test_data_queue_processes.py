@@ -130,6 +130,20 @@ def test_monais_trainer_reading_through_thread_loader_stops_at_a_failing_subject
             trainer.run()
 
 
+def test_an_iteration_stopped_by_close_in_a_loader_thread_is_no_failure_of_the_next(nifti_subjects, monkeypatch):
+    died_of = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: died_of.append(args.exc_value))
+    with nifti_queue(nifti_subjects, num_workers=2) as queue:
+        loader = ThreadDataLoader(queue, batch_size=2)
+        batches = iter(loader)
+        next(batches)  # the loader's thread goes on fetching
+        queue.close()  # e.g. early stopping: the iteration in the loader's thread ends with an error
+        for _ in batches:
+            pass
+        assert sum(len(batch["id"]) for batch in loader) == len(queue)  # nothing to report from the last one
+    assert all("was stopped" in str(error) for error in died_of)
+
+
 def test_a_failure_the_loop_saw_is_not_raised_again(nifti_subjects):
     data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
     with nifti_queue(data, shuffle_subjects=False) as queue:

@@ -21,6 +21,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 from .._checks import check_bool, check_positive_int
 from .background import BackgroundTasks, memory_outside_buffer, patches_in_slabs, subjects_in_flight
 from .planner import EpochPlanner
+from .receiver import ReceiverStopped
 from .schedule import SubjectTask
 from .served_collate import register_served_collation
 from .serving import EpochServer
@@ -206,7 +207,8 @@ class PatchQueueDataset(IterableDataset):
     def _epoch_patches(self, consumer: threading.Thread) -> Iterator[dict]:
         """Serve the next epoch. A failure raised in a thread other than ``consumer`` (the one that asked for the
         iterator) is also kept for the next :meth:`__iter__`: MONAI's ``ThreadDataLoader`` fetches in a thread
-        that dies of it, printing it, and ends the epoch early as if it were complete."""
+        that dies of it, printing it, and ends the epoch early as if it were complete. An iteration stopped by
+        the caller (``close``, a reseed, a newer iteration) is no failure to report."""
         _refuse_outer_workers(self.num_workers)
         epoch = self._epoch
         self._epoch += 1
@@ -214,7 +216,7 @@ class PatchQueueDataset(IterableDataset):
         try:
             yield from self._serve(epoch, background.slabs(epoch))
         except Exception as error:
-            if threading.current_thread() is not consumer:
+            if threading.current_thread() is not consumer and not isinstance(error, ReceiverStopped):
                 self._unreported_failure = _unreported(error, epoch, threading.current_thread().name)
             raise
         background.finished(epoch)

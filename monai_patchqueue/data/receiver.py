@@ -17,9 +17,13 @@ import queue
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Receiver"]
+__all__ = ["Receiver", "ReceiverStopped"]
 
 _POLL_S = 0.05
+
+
+class ReceiverStopped(RuntimeError):
+    """Raised to a consumer whose receiver was stopped (the queue closed or reseeded, or a newer iteration)."""
 
 
 class _Failure:
@@ -69,7 +73,7 @@ class Receiver:
                 break
             except queue.Empty:
                 if self._stopping.is_set():  # e.g. a thread reading from this one, stopped with it, ends too
-                    raise RuntimeError(
+                    raise ReceiverStopped(
                         "this iteration of the PatchQueueDataset was stopped: the queue was closed or reseeded, or "
                         "a newer iteration of it started. With workers a queue serves one iteration at a time: "
                         "finish or drop an iterator before you ask for the next"
