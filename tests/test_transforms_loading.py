@@ -175,6 +175,16 @@ def test_compressed_files_take_their_voxels_from_itk_unless_scaled_or_not_3d(tmp
         assert np.array_equal(voxels, np.asanyarray(image.dataobj)) and result.header == image.header
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_nifti2_file_loads_as_monai_loads_it(tmp_path, suffix):
+    path = tmp_path / f"nifti2{suffix}"
+    nib.save(nib.Nifti2Image(VOLUMES["float32"][0], AFFINE), path)
+    expected = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(path)
+    loaded = LoadMappedNifti(ensure_channel_first=True)(path)
+    assert torch.equal(loaded.as_tensor(), expected.as_tensor()) and torch.equal(loaded.affine, expected.affine)
+    assert [key for key in expected.meta if not same_meta_value(loaded.meta[key], expected.meta[key])] == []
+
+
 def test_a_bundle_config_builds_the_loader_with_a_dtype_name(tmp_path):
     path = save(tmp_path, "uint8", ".nii")
     config = {

@@ -10,8 +10,8 @@ same metadata as ``LoadImage(reader="NibabelReader")``, with the voxels in the f
 - a ``.nii.gz`` is decompressed by ITK (about twice as fast as nibabel) into memory, without the copy (about
   45 ms instead of about 75 ms with ``LoadImage(reader="ITKReader")``);
 - scaled data (``scl_slope``/``scl_inter``), a requested ``dtype`` other than the stored one, byte-swapped
-  ``.nii`` files and images ITK reads differently (e.g. 4-D) are read by nibabel and converted as ``LoadImage``
-  would, with the same values.
+  ``.nii`` files, compressed NIfTI-2 files and images ITK reads differently (e.g. 4-D) are read by nibabel and
+  converted as ``LoadImage`` would, with the same values.
 
 Patches cut from such a volume are copied into C order by the samplers (:func:`.functional.contiguous_copy`).
 Transforms that compute on every voxel (intensity scaling, resampling) read the whole volume anyway and gain
@@ -103,11 +103,13 @@ class LoadMappedNifti(Transform):
 def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
     """Return ``image`` (same header and affine) holding its voxels decompressed by ITK, in file order.
 
-    Only for unscaled 2-D or 3-D images that ITK reads with the stored dtype and shape; otherwise ``image``
-    unchanged (nibabel then reads it).
+    Only for unscaled 2-D or 3-D NIfTI-1 images that ITK reads with the stored dtype and shape; otherwise
+    ``image`` unchanged (nibabel then reads it). ITK's NIfTI reader does not open compressed NIfTI-2 files.
     """
     proxy = image.dataobj
     if not (nib.arrayproxy.is_proxy(proxy) and proxy.slope == 1 and proxy.inter == 0 and len(image.shape) in (2, 3)):
+        return image
+    if isinstance(image.header, nib.Nifti2Header):
         return image
     import itk  # here, not at the top: importing ITK takes ~0.5 s, which every importer of the package would pay
 
