@@ -22,6 +22,8 @@ VOLUMES = {
     "channels": (GENERATOR.random((7, 8, 9, 2), dtype=np.float32), None),
     "scaled_int16": (GENERATOR.integers(0, 100, (7, 8, 9)).astype(np.int16), (2.0, 1.0)),
     "big_endian": (GENERATOR.random((7, 8, 9)).astype(">f4"), None),
+    "uint16": (GENERATOR.integers(0, 1000, (7, 8, 9)).astype(np.uint16), None),  # MONAI gives int32
+    "int8": (GENERATOR.integers(-3, 3, (7, 8, 9)).astype(np.int8), None),  # a type ITK's build lacks
 }
 
 
@@ -162,7 +164,15 @@ def test_the_queue_streams_the_same_patches_from_mapped_files_in_two_workers(nii
 
 @pytest.mark.parametrize(
     ("name", "from_itk"),
-    [("float32", True), ("uint8", True), ("big_endian", True), ("scaled_int16", False), ("channels", False)],
+    [
+        ("float32", True),
+        ("uint8", True),
+        ("uint16", True),
+        ("big_endian", True),
+        ("scaled_int16", False),
+        ("channels", False),
+        ("int8", False),
+    ],
 )
 def test_compressed_files_take_their_voxels_from_itk_unless_scaled_or_not_3d(tmp_path, name, from_itk):
     path = save(tmp_path, name, ".nii.gz")

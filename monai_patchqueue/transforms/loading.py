@@ -10,8 +10,9 @@ same metadata as ``LoadImage(reader="NibabelReader")``, with the voxels in the f
 - a ``.nii.gz`` is decompressed by ITK (about twice as fast as nibabel) into memory, without the copy (about
   45 ms instead of about 75 ms with ``LoadImage(reader="ITKReader")``);
 - scaled data (``scl_slope``/``scl_inter``), a requested ``dtype`` other than the stored one, byte-swapped
-  ``.nii`` files, compressed NIfTI-2 files and images ITK reads differently (e.g. 4-D) are read by nibabel and
-  converted as ``LoadImage`` would, with the same values.
+  ``.nii`` files, compressed NIfTI-2 files, voxel types ITK's build lacks (int8) and images ITK reads
+  differently (e.g. 4-D) are read by nibabel and converted as ``LoadImage`` would, with the same values
+  (unsigned 16-64-bit integers become int32 or int64, as MONAI converts them).
 
 Patches cut from such a volume are copied into C order by the samplers (:func:`.functional.contiguous_copy`).
 Transforms that compute on every voxel (intensity scaling, resampling) read the whole volume anyway and gain
@@ -35,6 +36,7 @@ from monai.data.utils import is_no_channel
 from monai.transforms import MapTransform, Transform
 from monai.transforms.io.array import switch_endianness
 from monai.utils import ImageMetaKey, MetaKeys, get_equivalent_dtype
+from monai.utils.type_conversion import UNSUPPORTED_TYPES
 
 from .._checks import check_bool
 
@@ -117,7 +119,10 @@ def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image
         # ITK loads its SWIG modules lazily, on the first read; their import raises DeprecationWarnings, which
         # under warnings-as-errors abort the import inside C code and crash the process
         warnings.simplefilter("ignore", DeprecationWarning)
-        voxels = itk.array_view_from_image(itk.imread(os.fspath(path))).T  # C order reversed: file order
+        try:
+            voxels = itk.array_view_from_image(itk.imread(os.fspath(path))).T  # C order reversed: file order
+        except itk.TemplateTypeError:  # a voxel type this ITK build does not wrap (e.g. int8): nibabel reads it
+            return image
     if voxels.shape != image.shape or voxels.dtype != image.get_data_dtype().newbyteorder("="):
         return image
     return image.__class__(voxels, image.affine, image.header)
@@ -131,8 +136,13 @@ def _numpy_dtype(dtype: object) -> np.dtype:
 
 
 def _native_with_dtype(array: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
-    """Return ``array`` unchanged (still mapped) when it already has ``dtype`` in native byte order, else a copy."""
-    target = array.dtype.newbyteorder("=") if dtype is None else dtype
+    """Return ``array`` unchanged (still mapped) when it already has ``dtype`` in native byte order, else a copy.
+
+    Unsigned integers wider than a byte become the signed type MONAI's ``LoadImage`` gives them (uint16 -> int32,
+    uint32 and uint64 -> int64): torch has next to no arithmetic for its unsigned 16-64-bit types.
+    """
+    target = np.dtype(array.dtype.newbyteorder("=") if dtype is None else dtype)
+    target = np.dtype(UNSUPPORTED_TYPES.get(target, target))
     if array.dtype == target and array.dtype.isnative:
         return array
     return array.astype(target, order="K")
