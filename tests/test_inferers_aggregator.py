@@ -86,6 +86,21 @@ def test_integer_outputs_in_crop_mode_keep_their_dtype():
     torch.testing.assert_close(output, image)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_outputs_blend_in_float32_and_round_trip(mode, dtype):
+    image = torch.rand(1, 20, 18, 16) * 10
+    output = _aggregate(image, 8, 4, mode, network=lambda x: x.to(dtype))
+    assert output.dtype == (dtype if mode == "crop" else torch.float32)  # weighted sums in half precision round
+    torch.testing.assert_close(output.float(), image.to(dtype).float(), rtol=1e-6, atol=1e-6)
+
+
+def test_an_explicit_dtype_is_kept_in_weighted_modes():
+    aggregator = GridAggregator((8, 8, 8), 4, 2, overlap_mode="hann", dtype=torch.bfloat16)
+    aggregator.add_batch(torch.ones(1, 1, 4, 4, 4, dtype=torch.bfloat16), torch.tensor([[0, 0, 0, 4, 4, 4]]))
+    assert aggregator._output.dtype == torch.bfloat16
+
+
 def test_weight_buffer_has_one_channel():
     aggregator = GridAggregator((8, 8, 8), 4, 2, overlap_mode="hann")
     aggregator.add_batch(torch.ones(1, 5, 4, 4, 4), torch.tensor([[0, 0, 0, 4, 4, 4]]))

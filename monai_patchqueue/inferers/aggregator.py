@@ -74,7 +74,8 @@ class GridAggregator:
         padding_mode: as given to the grid sampler; when not None the locations are in padded coordinates
             (``overlap / 2`` per side) and the padding is removed from the output.
         device: where the output accumulates (default: the device of the first batch).
-        dtype: of the output (default: the first batch's dtype; float32 for weighted modes on integer outputs).
+        dtype: of the output (default: the first batch's dtype; in weighted modes float32 for integer and
+            half-precision outputs, e.g. of a network under autocast, whose weighted sums would round).
 
     Memory: the output (C x spatial at output resolution) and, for weighted modes, a one-channel weight buffer.
     ``get_output_tensor()`` normalises the output in place and frees the weights, so it returns a view of the
@@ -147,7 +148,8 @@ class GridAggregator:
         device = self.device or outputs.device
         dtype = self.dtype or outputs.dtype
         if self.overlap_mode != "crop":
-            dtype = dtype if dtype.is_floating_point else torch.float32
+            if not dtype.is_floating_point or _half_unless_asked(dtype, self.dtype):
+                dtype = torch.float32  # weighted sums of integers or half-precision values would round
             self._weights = torch.zeros((1, *shape), dtype=torch.float32, device=device)
             self._window = blend_window(self.overlap_mode, outputs.shape[2:], device=device)
         # Crop mode writes every voxel exactly (get_output_tensor checks that every patch was added): no zeroing.
@@ -217,3 +219,8 @@ class GridAggregator:
         output, factor = self._output, self._factor
         keep = tuple(slice(p // f, (p + n) // f) for p, n, f in zip(self.padding, self.spatial_shape, factor))
         return output[(slice(None), *keep)]
+
+
+def _half_unless_asked(dtype: torch.dtype, asked: torch.dtype | None) -> bool:
+    """Whether ``dtype`` is a float of fewer than 32 bits that the caller did not ask for as the output's."""
+    return asked is None and dtype.is_floating_point and torch.finfo(dtype).bits < 32
