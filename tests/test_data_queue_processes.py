@@ -108,6 +108,26 @@ def test_a_failure_monais_thread_loader_does_not_pass_on_is_raised_by_the_next_i
         # raised once: the next epoch runs again (and meets the missing file in the loader's thread again)
         assert sum(len(batch["id"]) for batch in ThreadDataLoader(queue, batch_size=2)) < len(queue)
         assert len(died_of) == 2
+        with pytest.raises(SubjectError, match=r"(?s)epoch 1 stopped early .*missing_brain"):
+            queue.close()  # the last epoch's failure, which no iteration raised, is raised once the workers stop
+        assert queue.worker_pids == []
+        queue.close()  # once
+
+
+@pytest.mark.parametrize("block_raises", [False, True])
+def test_leaving_the_with_block_raises_a_failure_the_last_epoch_left_unraised(
+    nifti_subjects, monkeypatch, block_raises
+):
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    data = [*nifti_subjects, {"image": "/nowhere/missing_brain.nii.gz", "id": 9}]
+    expected = (ZeroDivisionError, "the block's own") if block_raises else (SubjectError, "missing_brain")
+    with pytest.raises(expected[0], match=expected[1]):
+        with nifti_queue(data, num_workers=2) as queue:
+            for _ in ThreadDataLoader(queue, batch_size=2):  # a plain loop: its only epoch ends short
+                pass
+            if block_raises:
+                raise ZeroDivisionError("the block's own error goes on")
+    assert queue.worker_pids == []
 
 
 def test_monais_trainer_reading_through_thread_loader_stops_at_a_failing_subject(nifti_subjects, monkeypatch):

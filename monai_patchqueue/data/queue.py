@@ -69,7 +69,8 @@ class PatchQueueDataset(IterableDataset):
     the training step runs instead of between steps (with workers, a thread of the queue already receives and
     unpacks their patches ahead). MONAI's ``ThreadDataLoader`` does not pass an error of its thread on: a
     failing subject ends that epoch early (the error printed), and the queue raises it at the next iteration
-    instead; with torch's ``DataLoader`` it is raised in the loop at once. Creating a queue
+    instead, or at :meth:`close` (and the end of a ``with`` block) when none follows; with torch's
+    ``DataLoader`` it is raised in the loop at once. Creating a queue
     registers MONAI's MetaTensor collation with torch's ``default_collate`` (:func:`collate_metadata_per_item`),
     so that torch's DataLoader, like MONAI's, keeps one affine per patch in a batch.
 
@@ -191,9 +192,7 @@ class PatchQueueDataset(IterableDataset):
             seed = int(state.randint(np.iinfo(np.int32).max))
         self.seed = _check_seed(seed)
         self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, self.subject_sampler)
-        if self._background is not None:
-            self._background.close()
-            self._background = None
+        self._stop_background()
         return self
 
     def __iter__(self) -> Iterator[dict]:
@@ -262,7 +261,19 @@ class PatchQueueDataset(IterableDataset):
         return [] if self._background is None else self._background.worker_pids
 
     def close(self) -> None:
-        """Stop the background workers; a later iteration starts them again."""
+        """Stop the background workers; a later iteration starts them again.
+
+        Raises:
+            SubjectError: (or RuntimeError) a failure that ended the last epoch in a loader's thread which did
+                not pass it on (MONAI's ``ThreadDataLoader``) and that no later iteration raised; the workers are
+                stopped first.
+        """
+        self._stop_background()
+        failure, self._unreported_failure = self._unreported_failure, None
+        if failure is not None:
+            raise failure
+
+    def _stop_background(self) -> None:
         if self._background is not None:
             self._background.close()
             self._background = None
@@ -270,8 +281,11 @@ class PatchQueueDataset(IterableDataset):
     def __enter__(self) -> PatchQueueDataset:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the block's own error goes on; an unreported failure of the queue would only hide it
+            self._stop_background()
 
     def __del__(self) -> None:
         background = getattr(self, "_background", None)
