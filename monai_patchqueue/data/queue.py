@@ -198,9 +198,7 @@ class PatchQueueDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         """Return the iterator of the next epoch's patches; first raise a failure that an earlier epoch met in
         a thread that did not pass it on to the training loop (see :meth:`_epoch_patches`)."""
-        failure, self._unreported_failure = self._unreported_failure, None
-        if failure is not None:
-            raise failure
+        self._raise_unreported_failure()
         return self._epoch_patches(threading.current_thread())
 
     def _epoch_patches(self, consumer: threading.Thread) -> Iterator[dict]:
@@ -269,6 +267,10 @@ class PatchQueueDataset(IterableDataset):
                 stopped first.
         """
         self._stop_background()
+        self._raise_unreported_failure()
+
+    def _raise_unreported_failure(self) -> None:
+        """Raise (once) the failure :meth:`_epoch_patches` kept for the training loop, if any."""
         failure, self._unreported_failure = self._unreported_failure, None
         if failure is not None:
             raise failure
