@@ -59,7 +59,7 @@ def test_patches_own_their_meta_arrays_and_trace():
     shape=st.lists(st.integers(1, 6), min_size=2, max_size=5),
     order_seed=st.integers(0, 10_000),
     sliced=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.uint8, torch.int16, torch.float64]),
+    dtype=st.sampled_from([torch.float32, torch.uint8, torch.int16, torch.float64, torch.float16, torch.bfloat16]),
 )
 def test_contiguous_copy_equals_torch_copy_for_any_memory_order(shape, order_seed, sliced, dtype):
     """Fortran-ordered views take the transposing path; every other layout torch's own copy."""
@@ -94,6 +94,19 @@ def test_contiguous_copy_of_a_fortran_patch_takes_the_transposing_path():
     fortran_volume = torch.arange(2 * 10 * 9 * 8, dtype=torch.float32).reshape(8, 9, 10, 2).permute(3, 2, 1, 0)
     view = fortran_volume[:1, 2:7, 1:5, 3:8]
     assert torch.equal(contiguous_copy(view), view.clone(memory_format=torch.contiguous_format))
+
+
+@pytest.mark.parametrize(
+    "dtype, words", [(torch.float16, torch.int16), (torch.float32, torch.int32), (torch.float64, torch.int64)]
+)
+def test_a_fortran_ordered_float_patch_keeps_every_bit(dtype, words):
+    """Floats travel as integers of their width: NaN payloads, signed zeros and infinities come out unchanged."""
+    bits = torch.randint(-(2**15), 2**15, (12, 11, 10), generator=torch.Generator().manual_seed(0)).to(words)
+    volume = bits.view(dtype).permute(2, 1, 0)  # Fortran order, every bit pattern of the width's low half
+    view = volume[1:9, 2:10, 3:11]
+    copy = contiguous_copy(view)
+    assert copy.dtype == dtype and copy.is_contiguous()
+    assert torch.equal(copy.view(words), view.contiguous().view(words))
 
 
 def test_a_fortran_ordered_byte_patch_of_unequal_sides_copies_exactly():
