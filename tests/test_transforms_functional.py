@@ -102,7 +102,9 @@ def test_contiguous_copy_of_a_fortran_patch_takes_the_transposing_path():
 def test_a_fortran_ordered_float_patch_keeps_every_bit(dtype, words):
     """Floats travel as integers of their width: NaN payloads, signed zeros and infinities come out unchanged."""
     bits = torch.randint(-(2**15), 2**15, (12, 11, 10), generator=torch.Generator().manual_seed(0)).to(words)
-    volume = bits.view(dtype).permute(2, 1, 0)  # Fortran order, every bit pattern of the width's low half
+    floats = bits.view(dtype)  # sign-extended low halves: NaNs with payloads, subnormals, +0
+    floats[3, 4, 2:6] = torch.tensor([float("inf"), float("-inf"), -0.0, float("nan")], dtype=dtype)
+    volume = floats.permute(2, 1, 0)  # Fortran order
     view = volume[1:9, 2:10, 3:11]
     copy = contiguous_copy(view)
     assert copy.dtype == dtype and copy.is_contiguous()
