@@ -324,11 +324,12 @@ def test_get_max_memory_counts_every_patch_that_can_be_held():
         patch_bytes = 4 * 4**3 + 8 * 4**3 + 6 * 8  # float32 image, int64 label, int64 location
         assert sum(v.numel() * v.element_size() for v in patch.values() if torch.is_tensor(v)) == patch_bytes
         # the buffer, two slabs of 8 (max_length) patches, 1 subject being unpacked here, and the workers' shared
-        # memory: 4 blocks each, one subject's patches (4 x 808 bytes, each key's stack aligned to 64) rounded up
+        # memory: 4 blocks each in flight and 4 each pinned here (half of two buffers' worth of 4-patch subjects,
+        # and 2 in transit), each one subject's patches (4 x 808 bytes, each key's stack aligned to 64) rounded up
         # to 1 MiB
-        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 8 + 4) + 2 * 4 * 2**20
+        assert queue.get_max_memory() == patch_bytes * (8 + 2 * 8 + 4) + 2 * (4 + 4) * 2**20
         assert queue.get_max_memory(subjects()[0]) == queue.get_max_memory()
-        assert queue.get_max_memory_pretty() == f"{(patch_bytes * 28 + 8 * 2**20) / 2**20:.2f} MiB"
+        assert queue.get_max_memory_pretty() == f"{(patch_bytes * 28 + 16 * 2**20) / 2**20:.2f} MiB"
         assert queue.max_patches_held == 8 + 2 * 8 + (2 * 2 + 1) * 4
     with queue_of(num_workers=0, max_length=8, samples_per_volume=4) as queue:
         assert queue.get_max_memory() == patch_bytes * (8 + 2 * 8)  # the buffer and the slabs

@@ -123,10 +123,10 @@ def test_closing_waits_for_the_subject_being_unpacked_and_none_is_unpacked_after
     unpacks: list[tuple[float, float]] = []
     unpack = transport.PatchPack.unpack
 
-    def slow_unpack(pack):
+    def slow_unpack(pack, pins=None):
         start = time.monotonic()
         time.sleep(0.2)
-        patches = unpack(pack)
+        patches = unpack(pack, pins)
         unpacks.append((start, time.monotonic()))
         return patches
 

@@ -1,4 +1,5 @@
-"""Workers' reusable shared-memory blocks: patches cross in them, are copied out, and the blocks come back."""
+"""Workers' reusable shared-memory blocks: patches cross in them, are copied out (or served as views, see
+test_data_block_pins.py), and the blocks come back."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from monai_patchqueue.data.background import (
     memory_outside_buffer,
     patches_in_slabs,
 )
+from monai_patchqueue.data.block_pins import pinned_blocks_per_worker
 from monai_patchqueue.data.planner import EpochPlanner
 from monai_patchqueue.data.shared_blocks import BlockTicket, SharedBlocks, close_returns, mapped_block, open_returns
 from monai_patchqueue.data.subject_patches import SubjectPatches, patch_nbytes
@@ -48,7 +50,8 @@ def test_patches_held_across_many_subjects_keep_their_values_while_workers_reuse
     # each block is as large as memory_outside_buffer (and so get_max_memory) counts it
     outside_pools = (patches_in_slabs(16) + 5) * patch_nbytes(held[0][1][0])  # two slabs, one subject unpacking
     pool = memory_outside_buffer(2, held[0][1][0], 5, max_length=16) - outside_pools
-    assert all(block.numel() == pool // (2 * BLOCKS_PER_WORKER) for block in mapped)
+    blocks_per_worker = BLOCKS_PER_WORKER + pinned_blocks_per_worker(16, 5, num_workers=2)  # in flight, pinned
+    assert all(block.numel() == pool // (2 * blocks_per_worker) for block in mapped)
     assert not [key for key in shared_blocks._mapped if key[0] == token]  # unmapped at close
 
 

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from .block_lender import BlockLender
+from .block_pins import BlockPins, pinned_blocks_per_worker
 from .planner import EpochPlanner
 from .receiver import Receiver
 from .schedule import SubjectTask
@@ -82,22 +83,24 @@ def memory_outside_buffer(num_workers: int, patch: Mapping, count: int, max_leng
     ``patch``.
 
     That is the slabs (:func:`patches_in_slabs`) and, with workers, the subject being unpacked in the training
-    process and the workers' shared-memory pools (up to ``BLOCKS_PER_WORKER`` blocks per worker, each sized for
-    a subject's pack and rounded up to whole MiB; they hold the prefetched subjects, and keep their size once
-    used).
+    process and the workers' shared-memory pools: per worker, ``BLOCKS_PER_WORKER`` blocks for the prefetched
+    subjects and those the training process may hold pinned (:func:`.pinned_blocks_per_worker`), each sized for
+    a subject's pack and rounded up to whole MiB (they keep their size once used). The buffer's patches are
+    counted apart, as if all were copied out, although those served from pinned blocks are not.
 
     Example:
         >>> patch = {"image": torch.zeros(1, 4, 4, 4)}  # 256 bytes
         >>> memory_outside_buffer(0, patch, 16, max_length=64)  # two slabs of 16 patches
         8192
-        >>> memory_outside_buffer(2, patch, 16, max_length=64) // 2**20  # and 8 blocks of 1 MiB
-        8
+        >>> memory_outside_buffer(2, patch, 16, max_length=64) // 2**20  # and 2 x (4 + 6) blocks of 1 MiB
+        20
     """
     slabs = patches_in_slabs(max_length) * patch_nbytes(patch)
     if not num_workers:
         return slabs
     received = count * patch_nbytes(patch)
-    return num_workers * BLOCKS_PER_WORKER * block_nbytes(pack_nbytes(patch, count)) + received + slabs
+    blocks = BLOCKS_PER_WORKER + pinned_blocks_per_worker(max_length, count, num_workers)
+    return num_workers * blocks * block_nbytes(pack_nbytes(patch, count)) + received + slabs
 
 
 def _unchanged(result):
@@ -110,12 +113,14 @@ class _PackedWork(torch.utils.data.Dataset):
 
     From the second subject on, the block is lent to the samplers before they cut the patches (see
     :mod:`.block_lender`), sized for the previous subject's pack, so that patches are written where they travel.
+    A worker keeps up to ``capacity`` blocks: those in flight and those the training process holds pinned.
     """
 
-    def __init__(self, work: SubjectPatches, token: int, returns: list) -> None:
+    def __init__(self, work: SubjectPatches, token: int, returns: list, capacity: int = BLOCKS_PER_WORKER) -> None:
         self.work = work
         self.token = token
         self.returns = returns
+        self.capacity = capacity
         self._blocks: SharedBlocks | None = None
         self._worker = -1
         self._last_nbytes = 0  # the previous pack's size: what the next subject will likely need
@@ -146,7 +151,7 @@ class _PackedWork(torch.utils.data.Dataset):
     def _take_block(self, nbytes: int) -> tuple[torch.Tensor, BlockTicket | None]:
         if self._blocks is None:
             self._worker = get_worker_info().id
-            self._blocks = SharedBlocks(self.returns[self._worker], capacity=BLOCKS_PER_WORKER)
+            self._blocks = SharedBlocks(self.returns[self._worker], capacity=self.capacity)
         block, index = self._blocks.take(nbytes)
         if index is None:
             return block, None
@@ -167,12 +172,18 @@ def _close_open_backgrounds() -> None:
         thread.join(timeout=RESULT_POLL_S + _THREAD_EXIT_S)
 
 
-def _unpacked_results(iterator: Iterator, closed: threading.Event, unpacking: threading.Lock) -> Iterator:
-    """Yield ``iterator``'s ``(task, result)`` pairs, results unpacked; end once ``closed`` is set.
+def _unpacked_results(
+    iterator: Iterator, closed: threading.Event, unpacking: threading.Lock, pins: BlockPins | None
+) -> Iterator:
+    """Yield ``iterator``'s ``(task, result)`` pairs, results unpacked (serving views of blocks that ``pins``
+    lets them pin); end once ``closed`` is set.
 
-    A wait that times out is resumed: torch's DataLoader raises before changing its iterator's state.
+    Before each wait for a result, the pinned blocks whose patches are all gone go back to their workers. A wait
+    that times out is resumed: torch's DataLoader raises before changing its iterator's state.
     """
     while True:
+        if pins is not None:
+            pins.return_released()
         try:
             task, result = next(iterator)
         except RuntimeError as error:
@@ -183,7 +194,7 @@ def _unpacked_results(iterator: Iterator, closed: threading.Event, unpacking: th
             continue
         if isinstance(result, PatchPack):
             with unpacking:  # close() takes it for good: no unpacking once the workers are shut down
-                result = result.unpack()
+                result = result.unpack(pins)
         yield task, result
 
 
@@ -205,6 +216,9 @@ class BackgroundTasks:
     """Results of the planned tasks, in plan order, computed by ``num_workers`` processes (0: on demand), and
     served by ``server`` in slabs (with workers, in a thread of this process, ahead of the consumer).
 
+    With workers and ``pins``, received blocks are pinned to serve their patches as views while ``pins`` allows
+    (see :mod:`.block_pins`); the others' patches are copied out.
+
     Example:
         >>> import torch
         >>> from monai_patchqueue import UniformSamplerd
@@ -217,15 +231,22 @@ class BackgroundTasks:
     """
 
     def __init__(
-        self, work: SubjectPatches, planner: EpochPlanner, num_workers: int, server: EpochServer | None = None
+        self,
+        work: SubjectPatches,
+        planner: EpochPlanner,
+        num_workers: int,
+        server: EpochServer | None = None,
+        pins: BlockPins | None = None,
     ) -> None:
         self.planner = planner
         self.num_workers = num_workers
         self.server = server
+        self._pins = pins if num_workers > 0 else None
         self._stream = _TaskStream(planner)
         self._returns_token, returns = open_returns(num_workers)
+        capacity = BLOCKS_PER_WORKER + (self._pins.per_worker if self._pins is not None else 0)
         self._loader = DataLoader(
-            _PackedWork(work, self._returns_token, returns) if num_workers > 0 else work,
+            _PackedWork(work, self._returns_token, returns, capacity) if num_workers > 0 else work,
             batch_size=None,
             sampler=self._stream,
             num_workers=num_workers,
@@ -279,7 +300,7 @@ class BackgroundTasks:
         return self._received_slabs(self._receiver, epoch)
 
     def _unpacked(self) -> Iterator[tuple[SubjectTask, list[dict]]]:
-        return _unpacked_results(self._iterator, self._closed, self._unpacking)
+        return _unpacked_results(self._iterator, self._closed, self._unpacking, self._pins)
 
     def _served_epochs(self, first_epoch: int, unpacker: Receiver) -> Iterator[tuple[int, list[ServedPatch] | None]]:
         """Each epoch's slabs from ``first_epoch`` on, then ``(epoch, None)``: what the receiver thread runs."""
@@ -324,6 +345,8 @@ class BackgroundTasks:
             _ENDING.update(threads)
         self._loader._iterator = None
         close_returns(self._returns_token)
+        if self._pins is not None:
+            self._pins.close()
 
     def _stop_threads(self, wait: bool) -> list[Receiver]:
         """Stop the serving thread, then the unpacking (both or neither run); return them in that order."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,19 @@ class PatchBuffer:
     def extend(self, patches: list[Any]) -> None:
         """Add ``patches`` to the buffer."""
         self._items.extend(patches)
+
+    def replace(self, function: Callable[[Any], Any]) -> None:
+        """Replace every patch by ``function(patch)``, in place (the order, and so the stream, is unchanged).
+
+        Example:
+            >>> buffer = PatchBuffer(rng=None)
+            >>> buffer.extend([1, 2])
+            >>> buffer.replace(lambda patch: 10 * patch)
+            >>> buffer.pop(), buffer.pop()
+            (10, 20)
+        """
+        for index, patch in enumerate(self._items):
+            self._items[index] = function(patch)
 
     def pop(self) -> Any:
         """Remove and return one patch; raise IndexError when empty."""

@@ -20,6 +20,7 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 
 from .._checks import check_bool, check_positive_int
 from .background import BackgroundTasks, memory_outside_buffer, patches_in_slabs, subjects_in_flight
+from .block_pins import BlockPins, kept_pinned_blocks, pinned_blocks_per_worker
 from .planner import EpochPlanner
 from .receiver import ReceiverStopped
 from .schedule import SubjectTask
@@ -245,13 +246,22 @@ class PatchQueueDataset(IterableDataset):
 
     def _start(self, epoch: int) -> BackgroundTasks:
         if self._background is None:
+            pins = self._block_pins()
             self._server = EpochServer(
-                self.data, self._planner, self.seed, self.max_length, self.shuffle_patches, self.verbose
+                self.data, self._planner, self.seed, self.max_length, self.shuffle_patches, self.verbose, pins
             )
-            self._background = BackgroundTasks(self._work, self._planner, self.num_workers, self._server)
+            self._background = BackgroundTasks(self._work, self._planner, self.num_workers, self._server, pins)
             if self.num_workers:
                 self._background.start(epoch)
         return self._background
+
+    def _block_pins(self) -> BlockPins | None:
+        """The budget of workers' blocks whose patches are served as views (see :mod:`.block_pins`)."""
+        if not self.num_workers:
+            return None
+        subject_count = max(self.counts)
+        per_worker = pinned_blocks_per_worker(self.max_length, subject_count, self.num_workers)
+        return BlockPins(per_worker, kept=kept_pinned_blocks(self.max_length, subject_count))
 
     @property
     def worker_pids(self) -> list[int]:

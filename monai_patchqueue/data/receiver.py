@@ -1,8 +1,8 @@
 """Run the queue's serving in a daemon thread of the training process, ahead of the consumer.
 
 With workers, the training process receives each subject's patches (mapping the worker's shared block,
-copying the patches out, rebuilding their metadata: about half a millisecond per patch of 64^3 image and label
-on a loaded 2-core machine) and serves them, laid out in slabs when batches are collated from them
+pinning it or copying the patches out, rebuilding their metadata: up to half a millisecond per patch of 64^3
+image and label on a loaded 2-core machine) and serves them, laid out in slabs when batches are collated from them
 (:mod:`.slabs`). Done on the training thread, that work fell between training steps whenever the queue was read
 by torch's plain ``DataLoader``. :class:`Receiver` iterates over such a stream in a daemon thread, producing an
 item only while fewer than ``ahead`` wait for the consumer; the consumer takes them in the same order, so the

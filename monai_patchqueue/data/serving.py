@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
+from .block_pins import BlockPins, copied_out_of
 from .buffer import PatchBuffer
 from .planner import EpochPlanner
 from .schedule import SubjectTask, epoch_generator
@@ -85,6 +87,9 @@ class EpochServer:
         max_length: most patches in the buffer.
         shuffle_patches: pop at random; False pops first in, first out.
         verbose: log every admission at INFO level.
+        pins: the pinned blocks whose patches were received as views (see :mod:`.block_pins`): after each
+            admission, the buffered patches of blocks beyond the most recent ones are copied out, so that those
+            blocks go back to their workers.
 
     Example:
         >>> import torch
@@ -103,6 +108,7 @@ class EpochServer:
         max_length: int,
         shuffle_patches: bool,
         verbose: bool = False,
+        pins: BlockPins | None = None,
     ) -> None:
         self.data = data
         self.planner = planner
@@ -110,6 +116,7 @@ class EpochServer:
         self.max_length = max_length
         self.shuffle_patches = shuffle_patches
         self.verbose = verbose
+        self.pins = pins
         self.buffered = 0  # patches in the buffer after the last pop, for the queue's repr
         self.capacity = slab_capacity(max_length)
         self.probe = CollationProbe(window=_PROBE_WINDOW_SLABS * self.capacity, probe_every=_PROBE_EVERY)
@@ -136,6 +143,7 @@ class EpochServer:
                     buffer.extend(self._next_result(results, tasks[admitted]))
                     admitted += 1
                     self._log(epoch, tasks[admitted - 1], len(buffer))
+                    self._copy_out_surplus(buffer)
                 slab.add(buffer.pop())
                 self.buffered = len(buffer)
                 if slab.full:
@@ -145,6 +153,11 @@ class EpochServer:
             if len(slab):
                 yield slab.served()
             raise
+
+    def _copy_out_surplus(self, buffer: PatchBuffer) -> None:
+        surplus = self.pins.surplus() if self.pins is not None else []
+        if surplus:
+            buffer.replace(partial(copied_out_of, ranges=surplus))
 
     def _chunk(self, capacity: int) -> PatchSlab | PatchChunk:
         return PatchSlab(capacity, self.probe) if self.probe.wants_slab() else PatchChunk(capacity)

@@ -3,10 +3,11 @@
 Fresh shared memory is slow to come by: creating a segment and faulting in its pages cost about 1 ms per MiB
 on the benchmark machine, some 20 ms for a subject's sixteen 64^3 patches with their labels, more than cutting
 them. So each worker keeps a few blocks (:class:`SharedBlocks`) and writes every subject's patches into a free
-one; the training process copies the patches out as it receives them (a plain memory copy, a millisecond or two)
-and returns the block at once (:func:`return_block`), also for results it drops unread. A block the training
-process never returns only costs the worker a fresh block next time: a worker whose blocks are all out
-allocates a one-off block, as it would without the pool.
+one; the training process either serves the patches as views of the block and returns it once they are all gone
+(:mod:`.block_pins`, for a bounded number of blocks), or copies them out as it receives them (a plain memory
+copy, several milliseconds per subject) and returns the block at once (:func:`return_block`), also for results it
+drops unread. A block the training process never returns only costs the worker a fresh block next time: a worker
+whose blocks are all out allocates a one-off block, as it would without the pool.
 
 Returns travel through one pipe per worker (:func:`open_returns`), registered in the training process under
 a token that the tickets carry. A block that came back once is mapped in the training process for good

@@ -14,6 +14,7 @@ import io
 import math
 import pickle
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from monai.data import MetaTensor
 from ..transforms.functional import new_metatensor
 from .block_lender import BlockLender
 from .shared_blocks import aligned, block_view, mapped_block, return_block
+
+if TYPE_CHECKING:
+    from .block_pins import BlockPins
 
 __all__ = ["PatchPack", "copy_in_this_thread", "pack_nbytes"]
 
@@ -156,10 +160,10 @@ class PatchPack:
 
     The stacked tensors share one block of memory: in a worker process a shared-memory block from ``blocks``
     (see :mod:`.shared_blocks`), which crosses to the training process as a single storage; there,
-    :meth:`unpack` copies the patches out and returns the block to its worker. With a ``lender`` (see
-    :mod:`.block_lender`) the pack takes the lender's block: patches the samplers cut into it stay where they
-    are, the other entries are copied behind them; when they do not fit, the lender's block is released and
-    the pack takes one from ``blocks``.
+    :meth:`unpack` serves views of the block or copies the patches out, and the block goes back to its
+    worker. With a ``lender`` (see :mod:`.block_lender`) the pack takes the lender's block: patches the
+    samplers cut into it stay where they are, the other entries are copied behind them; when they do not fit,
+    the lender's block is released and the pack takes one from ``blocks``.
 
     Example:
         >>> patches = [{"image": torch.full((1, 2, 2), float(i)), "id": i} for i in range(3)]
@@ -225,23 +229,30 @@ class PatchPack:
         if "block" not in state:
             self.block = mapped_block(self.ticket)
 
-    def unpack(self) -> list[dict]:
+    def unpack(self, pins: BlockPins | None = None) -> list[dict]:
         """Return the patch dicts.
 
         In the process that packed them, their tensors are views into this pack's stacked tensors. A pack
-        received from a worker copies each patch out of the worker's block (patch-sized copies, which the
-        memory allocator serves from memory it holds, where one block-sized copy would fault in fresh pages)
-        and hands the block back, so it can be unpacked once. Metadata values shared by all the patches (the
-        file header) are shared objects, to be read, not modified; numeric NumPy values among them come back
-        as tensors, as collation would make them.
+        received from a worker serves views of the worker's block when ``pins`` lets it pin the block (see
+        :mod:`.block_pins`: the block goes back to its worker once every view of it is gone); otherwise it
+        copies each patch out (patch-sized copies, which the memory allocator serves from memory it holds,
+        where one block-sized copy would fault in fresh pages) and hands the block back at once. Either way it
+        can be unpacked once. Metadata values shared by all the patches (the file header) are shared objects,
+        to be read, not modified; numeric NumPy values among them come back as tensors, as collation would
+        make them.
         """
         if self.block is None:
             raise RuntimeError("this PatchPack was unpacked already and its worker has reused its memory")
         keys, traces, rest = pickle.loads(self.metadata)
         for shared, _, _ in traces.values():
             shared.update([(key, _collatable(value)) for key, value in shared.items()])
-        stacked = {key: block_view(self.block, *where) for key, where in self.layout.items()} | self.tensors
         copy_out = self._received and self.ticket is not None
+        source = self.block
+        if copy_out and pins is not None:
+            pinned = pins.pinned(self.ticket, self.block, self.nbytes)
+            if pinned is not None:  # the views keep the block; its finalizer hands it back
+                source, copy_out, self.block, self.ticket = pinned, False, None, None
+        stacked = {key: block_view(source, *where) for key, where in self.layout.items()} | self.tensors
         patches = []
         for index, others in enumerate(rest):
             patch = {}
