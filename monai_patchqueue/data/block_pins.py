@@ -1,6 +1,6 @@
 """Serve received patches as views of their worker's shared block, for as many blocks as a budget allows.
 
-Copying each received patch out of its worker's block was half of the training process's CPU per patch on
+Copying each received patch out of its worker's block took 40-50% of the training process's CPU per patch on
 the benchmark (a pass over every voxel, at this machine's low memory bandwidth). A pinned block skips it: the
 patches are views of the block, and the block goes back to its worker once every tensor that views it is
 gone (patches collated into a batch, slabs filled from them, patches dropped).
