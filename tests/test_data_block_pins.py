@@ -210,3 +210,18 @@ def test_the_server_copies_out_the_buffered_patches_of_older_pinned_blocks_and_s
     in_block = [shares_memory(p["x"], blocks[p["subject"]]) for p in copied]
     assert all(viewing for p, viewing in zip(copied, in_block) if p["subject"] == 3)  # the newest: never surplus
     assert not all(in_block) and sum(in_block) >= 4  # older subjects' buffered patches were copied out
+
+
+def test_patches_served_from_pinned_blocks_keep_their_subjects_values_however_long_they_are_kept():
+    from monai.data import ThreadDataLoader
+
+    data = [{"image": torch.full((1, 16, 16, 16), float(i)), "id": i} for i in range(10)]
+    queue = PatchQueueDataset(data, UniformSamplerd("image", 8), max_length=8, samples_per_volume=4, num_workers=2)
+    with queue:
+        kept = list(DataLoader(queue, batch_size=None))  # a whole epoch of patches held: most pins stay taken
+        for _ in range(2):  # the workers go on writing other subjects into their blocks meanwhile
+            for batch in ThreadDataLoader(queue, batch_size=4):
+                assert all(torch.all(image == int(i)) for image, i in zip(batch["image"], batch["id"]))
+        assert queue._background._pins.held <= 2 * pinned_blocks_per_worker(8, 4, num_workers=2)
+    assert len(kept) == 40 and sorted(int(p["id"]) for p in kept) == sorted(list(range(10)) * 4)
+    assert all(torch.all(patch["image"] == int(patch["id"])) for patch in kept)
