@@ -10,10 +10,12 @@ import numpy as np
 __all__ = [
     "check_bool",
     "check_label_probabilities",
+    "check_non_negative_int",
     "check_padding_mode",
     "check_patch_fits",
     "check_patch_overlap",
     "check_positive_int",
+    "check_seed",
     "expand_to_spatial_dims",
     "spatial_sizes",
 ]
@@ -35,6 +37,31 @@ def check_positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"`{name}` should be a positive integer, but got {name}={int(value)}")
     return int(value)
+
+
+def check_non_negative_int(value: object, name: str, expected: str = "a non-negative integer") -> int:
+    """Return ``value`` as a Python int, or raise a ValueError naming ``name`` and saying it should be
+    ``expected``.
+
+    Example:
+        >>> check_non_negative_int(0, "num_workers")
+        0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"`{name}` should be {expected}, but got {name}={value!r}")
+    return int(value)
+
+
+def check_seed(seed: object) -> int:
+    """Return ``seed`` as a Python int, drawing one from the operating system for None.
+
+    Example:
+        >>> check_seed(7), 0 <= check_seed(None) < 2**63
+        (7, True)
+    """
+    if seed is None:
+        return int(np.random.SeedSequence().entropy % 2**63)
+    return check_non_negative_int(seed, "seed", "a non-negative integer or None")
 
 
 def check_bool(value: object, name: str) -> bool:

@@ -309,24 +309,36 @@ def test_the_queue_pickles_without_its_workers(nifti_subjects):
 # --- memory ----------------------------------------------------------------------------------------------------
 
 
-def rss_bytes() -> int:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def private_rss_bytes() -> int:
+    """Resident memory of this process that is its own (anonymous): the patches copied out and the batches,
+    not the workers' shared blocks mapped here."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("/proc/self/status has no RssAnon line")
 
 
 def test_memory_does_not_grow_over_epochs():
+    from monai_patchqueue.data import shared_blocks
+    from monai_patchqueue.data.background import BLOCKS_PER_WORKER
+    from monai_patchqueue.data.block_pins import pinned_blocks_per_worker
+
     data = [{"image": torch.rand(1, 48, 48, 48), "id": i} for i in range(6)]
     queue = PatchQueueDataset(data, UniformSamplerd("image", 24, num_samples=4), 16, 4, num_workers=2, seed=0)
     patch_bytes = 4 * 24**3
-    after = []
+    after, blocks = [], []
     for _ in range(6):
         for _ in DataLoader(queue, batch_size=4):
             pass
         gc.collect()
-        after.append(rss_bytes())
+        after.append(private_rss_bytes())
+        blocks.append(len([key for key in shared_blocks._mapped if key[0] == queue._background._returns_token]))
     queue.close()
     growth = after[-1] - after[1]
     # keeping the patches of the 4 epochs measured would add 96 patches; allocator noise stays below one epoch's 24
-    assert growth < 24 * patch_bytes, f"RSS grew by {growth / 2**20:.1f} MiB over epochs 2-6: {after}"
+    assert growth < 24 * patch_bytes, f"private RSS grew by {growth / 2**20:.1f} MiB over epochs 2-6: {after}"
+    # the workers' shared blocks (mapped here once returned) stay within the pools that get_max_memory counts
+    assert max(blocks) <= 2 * (BLOCKS_PER_WORKER + pinned_blocks_per_worker(16, 4, num_workers=2)), blocks
 
 
 # --- DDP -------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from monai.data.utils import collate_meta_tensor_fn
 from torch.utils.data import IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate_fn_map
 
-from .._checks import check_bool, check_positive_int
+from .._checks import check_bool, check_non_negative_int, check_positive_int, check_seed
 from .background import BackgroundTasks, memory_outside_buffer, patches_in_slabs, subjects_in_flight
 from .block_pins import BlockPins, kept_pinned_blocks, pinned_blocks_per_worker
 from .planner import EpochPlanner
@@ -27,7 +27,7 @@ from .schedule import SubjectTask
 from .served_collate import register_served_collation
 from .serving import EpochServer
 from .slabs import ServedPatch
-from .subject_patches import NUM_SAMPLES, SubjectError, SubjectPatches, describe_subject, patch_nbytes, raw_entries
+from .subject_patches import SubjectError, SubjectPatches, patch_nbytes, subject_counts
 
 __all__ = ["EpochStatistics", "PatchQueueDataset"]
 
@@ -83,6 +83,12 @@ class PatchQueueDataset(IterableDataset):
     keep it on its own); a patch changed after it was served is collated the usual way. MONAI's loaders collate
     key by key (``list_data_collate``), which would copy the slab's rows again: when the queue sees that batches
     are not collated from its slabs, it serves the patches as they are.
+
+    With workers, patches arrive as views of the shared-memory block their worker wrote them into, rather than
+    copies (:mod:`~monai_patchqueue.data.block_pins`); the block goes back to its worker once every view of it
+    is gone, typically once its patches are collated. A patch kept past its step keeps its subject's block (the
+    queue pins a few blocks per worker at most and copies patches out beyond that); ``.clone()`` it to keep it
+    on its own.
 
     Args:
         data: subject dicts: a MONAI datalist or a map-style dataset returning dicts (e.g. ``CacheDataset``).
@@ -141,7 +147,7 @@ class PatchQueueDataset(IterableDataset):
     ) -> None:
         self.max_length = check_positive_int(max_length, "max_length")
         self.samples_per_volume = check_positive_int(samples_per_volume, "samples_per_volume")
-        self.num_workers = _non_negative_int(num_workers, "num_workers")
+        self.num_workers = check_non_negative_int(num_workers, "num_workers")
         self.shuffle_subjects = check_bool(shuffle_subjects, "shuffle_subjects")
         self.shuffle_patches = check_bool(shuffle_patches, "shuffle_patches")
         self.verbose = check_bool(verbose, "verbose")
@@ -153,10 +159,10 @@ class PatchQueueDataset(IterableDataset):
         collate_metadata_per_item()
         register_served_collation()
         self.data = data
-        self.counts = _subject_counts(data, self.samples_per_volume, self.max_length)
+        self.counts = subject_counts(data, self.samples_per_volume, self.max_length)
         self.subject_sampler = subject_sampler
         self._explicit_seed = seed is not None
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.statistics = EpochStatistics()
         self._work = SubjectPatches(
             data, copy.deepcopy(sampler), copy.deepcopy(transform), copy.deepcopy(patch_transform)
@@ -177,7 +183,7 @@ class PatchQueueDataset(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration serve epoch ``epoch`` (and pass it to ``subject_sampler``)."""
-        self._epoch = _non_negative_int(epoch, "epoch")
+        self._epoch = check_non_negative_int(epoch, "epoch")
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
         """Reseed the whole stream from ``seed`` (or a seed drawn from ``state``); returns ``self``.
@@ -191,7 +197,7 @@ class PatchQueueDataset(IterableDataset):
             return self
         if state is not None:
             seed = int(state.randint(np.iinfo(np.int32).max))
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, self.subject_sampler)
         self._stop_background()
         return self
@@ -324,8 +330,9 @@ class PatchQueueDataset(IterableDataset):
     def get_max_memory(self, subject: Mapping | None = None) -> int:
         """Return the most bytes the queue's patches can occupy, from one real patch: the buffer's
         ``max_length`` patches, the two slabs outside it and, with workers, the subject being unpacked in this
-        process and the workers' shared memory (a few blocks per worker, each one subject's patches rounded up to
-        whole MiB). Batches the training loop still holds come on top.
+        process and the workers' shared memory (per worker, the blocks in flight and those this process may hold
+        pinned, each one subject's patches rounded up to whole MiB). Batches the training loop still holds come
+        on top.
 
         Args:
             subject: a prepared subject dict to cut the patch from; None loads and transforms the first subject.
@@ -380,48 +387,6 @@ def _called_by_monai_loader() -> bool:
     """Whether ``set_random_state`` was called by MONAI's loaders seeding their dataset (``set_rnd``)."""
     caller = sys._getframe(2)
     return caller.f_code.co_name == "set_rnd" and caller.f_globals.get("__name__") == "monai.data.utils"
-
-
-def _non_negative_int(value: object, name: str, expected: str = "a non-negative integer") -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"`{name}` should be {expected}, but got {name}={value!r}")
-    return int(value)
-
-
-def _check_seed(seed: object) -> int:
-    if seed is None:
-        return int(np.random.SeedSequence().entropy % 2**63)
-    return _non_negative_int(seed, "seed", "a non-negative integer or None")
-
-
-def _subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list[int]:
-    if samples_per_volume > max_length:
-        raise ValueError(
-            f"`max_length` should be at least `samples_per_volume`, but got max_length={max_length} "
-            f"and samples_per_volume={samples_per_volume}"
-        )
-    try:
-        num_subjects = len(data)
-    except TypeError:
-        raise TypeError(
-            f"`data` should be a sequence or a map-style dataset with a length, but got {type(data).__name__}"
-        ) from None
-    if num_subjects == 0:
-        raise ValueError("`data` should hold at least one subject, but it is empty")
-    entries = raw_entries(data)
-    if entries is None:
-        return [samples_per_volume] * num_subjects
-    counts = []
-    for index, entry in enumerate(entries):
-        count = entry.get(NUM_SAMPLES, samples_per_volume)
-        try:
-            count = check_positive_int(count, NUM_SAMPLES)
-        except (TypeError, ValueError) as error:  # describe the subject (a scan of the datalist) only when raising
-            raise type(error)(f"{describe_subject(data, index)}: {error}") from None
-        if count > max_length:
-            raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")
-        counts.append(count)
-    return counts
 
 
 def _unreported(error: Exception, epoch: int, thread: str) -> Exception:

@@ -14,10 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._checks import check_positive_int
 from ..transforms.patch_memory import PatchMemoryLender, patches_written_to
 from .schedule import SubjectTask
 
-__all__ = ["SubjectError", "SubjectPatches", "describe_subject", "patch_nbytes", "raw_entries", "set_sample_count"]
+__all__ = [
+    "SubjectError",
+    "SubjectPatches",
+    "describe_subject",
+    "patch_nbytes",
+    "raw_entries",
+    "set_sample_count",
+    "subject_counts",
+]
 
 
 NUM_SAMPLES = "num_samples"
@@ -212,3 +221,43 @@ class SubjectPatches(torch.utils.data.Dataset):
             lent = lender is not None and isinstance(value, torch.Tensor) and lender.holds(value)
             out[key] = value if lent else _owned(value)
         return out
+
+
+def subject_counts(data: Any, samples_per_volume: int, max_length: int) -> list[int]:
+    """Return each subject's patch count: its ``num_samples`` entry or ``samples_per_volume``.
+
+    Raises:
+        TypeError: ``data`` has no length, or a ``num_samples`` entry is not an integer (naming the subject).
+        ValueError: ``data`` is empty, or a count is not positive or exceeds ``max_length``.
+
+    Example:
+        >>> subject_counts([{"image": "a.nii"}, {"image": "b.nii", "num_samples": 2}], 4, max_length=8)
+        [4, 2]
+    """
+    if samples_per_volume > max_length:
+        raise ValueError(
+            f"`max_length` should be at least `samples_per_volume`, but got max_length={max_length} "
+            f"and samples_per_volume={samples_per_volume}"
+        )
+    try:
+        num_subjects = len(data)
+    except TypeError:
+        raise TypeError(
+            f"`data` should be a sequence or a map-style dataset with a length, but got {type(data).__name__}"
+        ) from None
+    if num_subjects == 0:
+        raise ValueError("`data` should hold at least one subject, but it is empty")
+    entries = raw_entries(data)
+    if entries is None:
+        return [samples_per_volume] * num_subjects
+    counts = []
+    for index, entry in enumerate(entries):
+        count = entry.get(NUM_SAMPLES, samples_per_volume)
+        try:
+            count = check_positive_int(count, NUM_SAMPLES)
+        except (TypeError, ValueError) as error:  # describe the subject (a scan of the datalist) only when raising
+            raise type(error)(f"{describe_subject(data, index)}: {error}") from None
+        if count > max_length:
+            raise ValueError(f"{describe_subject(data, index)} asks for num_samples={count} > max_length={max_length}")
+        counts.append(count)
+    return counts
