@@ -115,8 +115,10 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
     one element at a time across the whole patch (about 1 ms per MB). Here the copy takes three passes that each
     move contiguous runs or small in-cache tiles: gather ``(y, z, x)`` (runs along x), transpose each y-slice
     to ``(y, x, z)`` (64 x 64 tiles for a 64^3 patch), and swap the first two axes into ``out`` (runs along z):
-    about 0.3 ms per MB of float32 and 0.6 ms per MB of uint8 for patches up to 96^3, where a blocked 2-D
-    transpose of the whole patch took as long for float32 (7% less at 128^3) and twice as long for bytes.
+    about 0.3 ms per MB of float32 and 0.6 ms per MB of uint8 for patches up to 96^3 with the volume in cache
+    (about 0.55 ms per MB of float32 when the file's pages are cold in memory, as in the queue's workers, bound
+    by this machine's memory bandwidth), where a blocked 2-D transpose of the whole patch took as long for
+    float32 (7% less at 128^3) and twice as long for bytes.
     Floating-point patches are moved as integers of the same width, bit for bit (NaN payloads included),
     which torch copies faster.
 
