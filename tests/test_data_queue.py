@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import re
 import time
 
 import numpy as np
@@ -345,6 +346,19 @@ def test_verbose_logs_fills_and_timings(caplog):
     caplog.clear()
     stream(quiet)
     assert not caplog.records
+
+
+def test_verbose_logs_with_workers_say_how_the_patches_crossed(caplog):
+    with caplog.at_level(logging.INFO, logger="monai_patchqueue.data.queue"):
+        with queue_of(verbose=True, num_workers=2) as queue:
+            stream(queue)
+            pins = queue._background._pins
+    ended = [record.getMessage() for record in caplog.records if "24 patches in" in record.getMessage()]
+    assert len(ended) == 1
+    found = re.search(r"so far (\d+) subjects served as views of shared memory, (\d+) copied out", ended[0])
+    views, copies = int(found[1]), int(found[2])
+    assert views + copies >= 6  # every subject of the epoch arrived one way or the other (and next epoch's, maybe)
+    assert 0 < views <= pins.pinned_subjects  # the workers went on after the message
 
 
 def test_repr_and_statistics_summarise_the_state():

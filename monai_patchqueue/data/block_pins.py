@@ -137,6 +137,9 @@ class BlockPins:
         self._released: queue.SimpleQueue = queue.SimpleQueue()  # its put is reentrant: safe in a finalizer
         self._lock = threading.Lock()  # the server thread reads the ranges while the unpacking thread pins
         self._closed = False
+        self.pinned_subjects = 0  # so far: subjects served as views of their block
+        self.copied_subjects = 0  # so far: subjects copied out on arrival (their worker's budget was spent)
+        self.copied_patches = 0  # so far: buffered patches copied out of surplus blocks (counted by the server)
 
     def pinned(self, ticket: BlockTicket, block: torch.Tensor, nbytes: int) -> torch.Tensor | None:
         """Return the first ``nbytes`` of ``block`` as a uint8 tensor that pins the block until it and every
@@ -144,8 +147,10 @@ class BlockPins:
         """
         with self._lock:
             if self._held[ticket.worker] >= self.per_worker:
+                self.copied_subjects += 1
                 return None
             self._held[ticket.worker] += 1
+            self.pinned_subjects += 1
             self._ranges[ticket.key] = (block.data_ptr(), block.data_ptr() + nbytes)
         array = block.numpy()[:nbytes]  # an array of its own, which the view's storage keeps alive
         finalizer = weakref.finalize(array, self._release, ticket, block)
@@ -186,6 +191,19 @@ class BlockPins:
                 del self._ranges[ticket.key]
             return_block(ticket, block)
             returned += 1
+
+    def summary(self) -> str:
+        """Say how many subjects were served as views so far, how many copied out, and how many patches the
+        server copied out of older blocks.
+
+        Example:
+            >>> BlockPins(per_worker=1, kept=1).summary()
+            '0 subjects served as views of shared memory, 0 copied out on arrival, 0 buffered patches copied out'
+        """
+        return (
+            f"{self.pinned_subjects} subjects served as views of shared memory, {self.copied_subjects} copied out "
+            f"on arrival, {self.copied_patches} buffered patches copied out"
+        )
 
     @property
     def held(self) -> int:

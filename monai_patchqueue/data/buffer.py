@@ -34,18 +34,24 @@ class PatchBuffer:
         """Add ``patches`` to the buffer."""
         self._items.extend(patches)
 
-    def replace(self, function: Callable[[Any], Any]) -> None:
-        """Replace every patch by ``function(patch)``, in place (the order, and so the stream, is unchanged).
+    def replace(self, function: Callable[[Any], Any]) -> int:
+        """Replace every patch by ``function(patch)``, in place (the order, and so the stream, is unchanged);
+        return how many patches ``function`` returned another object for.
 
         Example:
             >>> buffer = PatchBuffer(rng=None)
             >>> buffer.extend([1, 2])
-            >>> buffer.replace(lambda patch: 10 * patch)
+            >>> buffer.replace(lambda patch: 10 * patch if patch > 1 else patch)
+            1
             >>> buffer.pop(), buffer.pop()
-            (10, 20)
+            (1, 20)
         """
+        replaced = 0
         for index, patch in enumerate(self._items):
-            self._items[index] = function(patch)
+            new = function(patch)
+            replaced += new is not patch
+            self._items[index] = new
+        return replaced
 
     def pop(self) -> Any:
         """Remove and return one patch; raise IndexError when empty."""

@@ -240,12 +240,14 @@ class PatchQueueDataset(IterableDataset):
                 yield patch
         stats.elapsed_s = time.perf_counter() - start
         self.statistics = stats
+        pins = self._server.pins
         self._log(
-            "epoch %d: %d patches in %.2f s, %.2f s waiting for workers",
+            "epoch %d: %d patches in %.2f s, %.2f s waiting for workers%s",
             epoch,
             stats.patches,
             stats.elapsed_s,
             stats.wait_s,
+            "" if pins is None else f"; so far {pins.summary()}",
         )
 
     # --- background work -------------------------------------------------------------------------------------

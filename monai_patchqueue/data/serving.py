@@ -157,7 +157,7 @@ class EpochServer:
     def _copy_out_surplus(self, buffer: PatchBuffer) -> None:
         surplus = self.pins.surplus() if self.pins is not None else []
         if surplus:
-            buffer.replace(partial(copied_out_of, ranges=surplus))
+            self.pins.copied_patches += buffer.replace(partial(copied_out_of, ranges=surplus))
 
     def _chunk(self, capacity: int) -> PatchSlab | PatchChunk:
         return PatchSlab(capacity, self.probe) if self.probe.wants_slab() else PatchChunk(capacity)
