@@ -3,14 +3,16 @@
 Same data and settings as ``bench_queue.py`` (it reuses that module's subjects and queue), one format and
 sampler per run. The training process is fresh: nothing large was allocated in it before the workers start, as
 in a training script that builds its queue first. With ``--default-worker-allocator`` the workers keep glibc's
-defaults instead of :func:`monai_patchqueue.keep_freed_memory`, to measure what that does; with
+defaults instead of :func:`monai_patchqueue.keep_freed_memory`, to measure what that does (and with
+``--no-worker-gc-freeze`` their garbage collections walk every object inherited from this process); with
 ``--keep-freed-memory`` the training process calls it too (as a training script may), which spares the
 collation of every batch from faulting in fresh pages. With ``--no-track-meta`` MONAI's metadata tracking is off
 (``set_track_meta(False)``, inherited by the forked workers): patches and batches are plain tensors, to measure
 what the per-patch MetaTensors cost.
 
     python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
-        [--default-worker-allocator] [--keep-freed-memory] [--no-track-meta] [--step-ms 0] [--our-batches thread]
+        [--default-worker-allocator] [--no-worker-gc-freeze] [--keep-freed-memory] [--no-track-meta]
+        [--step-ms 0] [--our-batches thread]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from monai.data import set_track_meta
 
 from monai_patchqueue import keep_freed_memory
-from monai_patchqueue.data import background
+from monai_patchqueue.data import worker_memory
 
 
 def children_cpu_seconds() -> float:
@@ -50,6 +52,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--default-worker-allocator", action="store_true")
+    parser.add_argument(
+        "--no-worker-gc-freeze", action="store_true", help="workers' collections walk what they inherited"
+    )
     parser.add_argument("--keep-freed-memory", action="store_true", help="call keep_freed_memory() here too")
     parser.add_argument("--no-track-meta", action="store_true", help="set_track_meta(False): plain tensor patches")
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch of 8")
@@ -58,7 +63,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     if args.default_worker_allocator:
-        background.keep_freed_memory = None  # read when the queue builds its worker pool
+        worker_memory.keep_freed_memory = lambda *_: False  # read by start_worker in each worker
+    if args.no_worker_gc_freeze:
+        worker_memory.freeze_inherited_objects = lambda: 0  # read by start_worker in each worker
     if args.keep_freed_memory:
         keep_freed_memory()
     if args.no_track_meta:
@@ -79,7 +86,8 @@ def main() -> None:
     here = "keep_freed_memory" if args.keep_freed_memory else "glibc defaults"
     print(
         f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}, "
-        f"training process allocator: {here}, metadata {'off' if args.no_track_meta else 'tracked'}, "
+        f"training process allocator: {here}, worker gc freeze: {'off' if args.no_worker_gc_freeze else 'on'}, "
+        f"metadata {'off' if args.no_track_meta else 'tracked'}, "
         f"step {args.step_ms:g} ms, {args.our_batches} batches: "
         f"{patches / wall:.0f} patches/s, waited {waited / wall:.1%} after each epoch's first batch; "
         f"CPU per patch {training / patches * 1e3:.2f} ms training process + "

@@ -1,8 +1,10 @@
-"""The queue's worker processes keep freed memory for the next subject instead of faulting it in again."""
+"""The queue's worker processes keep freed memory for the next subject instead of faulting it in again, and
+their garbage collections leave the objects they inherited alone."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import resource
 from pathlib import Path
 
@@ -11,7 +13,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from monai_patchqueue.data.background import BackgroundTasks
-from monai_patchqueue.data.worker_memory import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _mallopt, keep_freed_memory
+from monai_patchqueue.data.worker_memory import (
+    _M_MMAP_THRESHOLD,
+    _M_TRIM_THRESHOLD,
+    _mallopt,
+    freeze_inherited_objects,
+    keep_freed_memory,
+    start_worker,
+)
 
 pytestmark = pytest.mark.skipif(_mallopt() is None, reason="glibc's mallopt is not available")
 
@@ -45,9 +54,15 @@ def _returning_then_kept(worker_id: int) -> None:
     assert keep_freed_memory(worker_id)
 
 
-def test_a_worker_that_keeps_freed_memory_reuses_it_where_a_fresh_worker_faults_it_in_again():
+def _returning_then_started(worker_id: int) -> None:
+    _returning(worker_id)
+    start_worker(worker_id)
+
+
+@pytest.mark.parametrize("keeping", [_returning_then_kept, _returning_then_started], ids=["kept", "started"])
+def test_a_worker_that_keeps_freed_memory_reuses_it_where_a_fresh_worker_faults_it_in_again(keeping):
     pages = 32 * 2**20 // resource.getpagesize()
-    kept, fresh = _faults(_returning_then_kept), _faults(_returning)
+    kept, fresh = _faults(keeping), _faults(_returning)
     assert kept[0] >= pages / 2  # the first subject faults its memory in either way
     assert kept[-1] < pages / 4  # later subjects reuse it (a few hundred faults of other allocations under load)
     assert min(fresh[1:]) > pages / 2  # glibc's defaults return it to the system after each subject
@@ -62,11 +77,56 @@ def test_the_queue_starts_its_workers_with_it():
     with_workers = BackgroundTasks(work, EpochPlanner([2], seed=0, shuffle_subjects=False), num_workers=1)
     in_process = BackgroundTasks(work, EpochPlanner([2], seed=0, shuffle_subjects=False), num_workers=0)
     try:
-        assert with_workers._loader.worker_init_fn is keep_freed_memory
+        assert with_workers._loader.worker_init_fn is start_worker
         assert in_process._loader.worker_init_fn is None  # the training process is left alone
     finally:
         with_workers.close()
         in_process.close()
+
+
+class _CollectionCopies(torch.utils.data.Dataset):
+    """Runs a full garbage collection in the worker; returns the objects it tracks, how many are frozen and how
+    many KiB of the process's memory became private (copied from the parent) during the collection."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> tuple[int, int, int]:
+        before = _private_dirty_kib()
+        gc.collect()
+        return len(gc.get_objects()), gc.get_freeze_count(), _private_dirty_kib() - before
+
+
+def _private_dirty_kib() -> int:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError("no Private_Dirty line in /proc/self/smaps_rollup")
+
+
+def _collect_in_worker(worker_init_fn) -> tuple[int, int, int]:
+    loader = DataLoader(_CollectionCopies(), batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)
+    return tuple(int(value) for value in next(iter(loader)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux's smaps_rollup")
+def test_a_started_worker_collects_garbage_without_walking_or_copying_what_it_inherited():
+    inherited = [[index] for index in range(200_000)]  # tracked objects, some 20 MiB of the parent's heap
+    gc.collect()  # the parent's own objects, old and settled, as in a training script
+    tracked, frozen, copied_kib = _collect_in_worker(lambda worker_id: start_worker(worker_id))
+    plain_tracked, plain_frozen, plain_copied_kib = _collect_in_worker(None)
+    assert frozen >= len(inherited) and plain_frozen == 0
+    assert tracked < len(inherited) / 10 < plain_tracked / 10  # its collections walk only its own objects
+    assert copied_kib < plain_copied_kib / 4, (copied_kib, plain_copied_kib)  # and leave the parent's pages shared
+    assert plain_copied_kib > 8 * 2**10  # (a collection that walks them writes to every page of the lists)
+    del inherited
+
+
+def test_freeze_inherited_objects_says_how_many_it_froze():
+    def frozen_in_worker(worker_id: int) -> None:
+        assert freeze_inherited_objects() == gc.get_freeze_count() > 1000
+
+    assert [int(item) for item in DataLoader(range(2), num_workers=1, worker_init_fn=frozen_in_worker)] == [0, 1]
 
 
 def _rss_bytes(pid: int) -> int:

@@ -38,7 +38,7 @@ from .shared_blocks import BlockTicket, SharedBlocks, block_nbytes, close_return
 from .slabs import ServedPatch
 from .subject_patches import SubjectPatches, patch_nbytes
 from .transport import PatchPack, pack_nbytes
-from .worker_memory import keep_freed_memory
+from .worker_memory import start_worker
 
 __all__ = ["BackgroundTasks"]
 
@@ -254,7 +254,7 @@ class BackgroundTasks:
             persistent_workers=num_workers > 0,
             timeout=RESULT_POLL_S if num_workers > 0 else 0,
             prefetch_factor=PREFETCH_PER_WORKER if num_workers > 0 else None,
-            worker_init_fn=keep_freed_memory if num_workers > 0 else None,
+            worker_init_fn=start_worker if num_workers > 0 else None,
         )
         self._iterator: Iterator | None = None
         self._receiver: Receiver | None = None  # with workers and a server: serves self._iterator's results ahead

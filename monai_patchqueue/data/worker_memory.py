@@ -1,4 +1,6 @@
-"""Keep a worker process's freed memory for reuse instead of handing it back to the system after every subject.
+"""Start the queue's worker processes so that their memory costs neither page faults nor garbage collection.
+
+Allocator: keep a worker's freed memory for reuse instead of handing it back to the system after every subject.
 
 A worker cuts each subject's patches into fresh tensors (about 20 MiB for sixteen 64^3 image and label patches),
 packs them, and frees them; glibc then returns the freed top of its heap to the system (anything above its
@@ -13,6 +15,15 @@ The queue leaves the training process's allocator alone. A training script may c
 itself, once, at its start: collating each batch then reuses freed memory instead of faulting in fresh pages
 (about 15% of the training process's CPU per patch on the benchmark), at the price of keeping up to
 ``TRIM_THRESHOLD_BYTES`` of freed memory for reuse.
+
+Garbage collector: a forked worker inherits every object of the training process (some 400,000 with torch and
+MONAI imported). A full collection, which a worker's allocations trigger within its first few dozen subjects,
+walked all of them (about 0.26 s on the benchmark machine) and wrote to each one's header, so that every worker
+ended up with its own copy of the parent's heap pages: 136-139 MiB of private memory per worker in the queue
+benchmark, against 37 MiB once frozen. :func:`freeze_inherited_objects` moves the inherited objects to the
+collector's permanent generation, which collections skip; those that become cyclic garbage in the worker are
+then never collected there (the worker's own objects are, as before).
+:func:`start_worker`, the queue's ``worker_init_fn``, does both; the training process is left alone.
 """
 
 from __future__ import annotations
@@ -20,8 +31,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["freeze_inherited_objects", "keep_freed_memory", "start_worker"]
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -59,3 +71,30 @@ def keep_freed_memory(worker_id: int | None = None) -> bool:
     trimmed = mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD_BYTES))
     mapped = mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD_BYTES))
     return bool(trimmed and mapped)
+
+
+def freeze_inherited_objects() -> int:
+    """Move the objects this process holds now to the garbage collector's permanent generation; return how many.
+
+    Meant for the start of a forked worker: its collections then skip what it inherited (see the module
+    docstring).
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(range(4), num_workers=2, worker_init_fn=lambda worker_id: freeze_inherited_objects())
+    """
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+def start_worker(worker_id: int | None = None) -> None:
+    """Prepare one of the queue's worker processes: :func:`keep_freed_memory` and :func:`freeze_inherited_objects`.
+
+    The queue passes it as its workers' ``worker_init_fn`` (``worker_id`` is ignored).
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> loader = DataLoader(range(4), num_workers=2, worker_init_fn=start_worker)
+    """
+    keep_freed_memory()
+    freeze_inherited_objects()
