@@ -113,12 +113,14 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
     A NIfTI volume kept in its file's (Fortran) order, e.g. by :class:`~monai_patchqueue.LoadMappedNifti`,
     gives patches ``(x, y, z)`` whose first axis varies fastest in memory. torch copies such a view into C order
     one element at a time across the whole patch (about 1 ms per MB). Here the copy takes three passes that each
-    move contiguous runs or small in-cache tiles: gather ``(y, z, x)`` (runs along x), transpose each y-slice
-    to ``(y, x, z)`` (64 x 64 tiles for a 64^3 patch), and swap the first two axes into ``out`` (runs along z):
-    about 0.3 ms per MB of float32 and 0.6 ms per MB of uint8 for patches up to 96^3 with the volume in cache
-    (about 0.55 ms per MB of float32 when the file's pages are cold in memory, as in the queue's workers, bound
-    by this machine's memory bandwidth), where a blocked 2-D transpose of the whole patch took as long for
-    float32 (7% less at 128^3) and twice as long for bytes.
+    move contiguous runs or small in-cache tiles: gather ``(y, z, x)`` (runs along x) into ``out``'s memory,
+    transpose each y-slice to ``(y, x, z)`` (64 x 64 tiles for a 64^3 patch) in a scratch tensor, and swap the
+    first two axes back into ``out`` (runs along z): about 0.3 ms per MB of float32 and 0.6 ms per MB of uint8
+    for patches up to 96^3 with the volume in cache (about 0.55 ms per MB of float32 when the file's pages are
+    cold in memory, as in the queue's workers, bound by this machine's memory bandwidth), where a blocked 2-D
+    transpose of the whole patch took as long for float32 (7% less at 128^3) and twice as long for bytes.
+    Gathering into ``out`` rather than a second scratch tensor saved 7-10% (0.79 -> 0.71 ms for a float32
+    64^3 patch, 0.44 -> 0.41 ms for uint8, cut from four 192 x 192 x 160 volumes in turn, medians of 40 rounds).
     Floating-point patches are moved as integers of the same width, bit for bit (NaN payloads included),
     which torch copies faster.
 
@@ -143,10 +145,12 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
     strides = list(core.stride())
     if core.dim() != 3 or strides != sorted(strides):  # not a Fortran-ordered 3-D patch: torch's own copy
         return out.copy_(view)
-    core, target = _as_words(core), _as_words(out).view(core.shape)
-    runs_along_x = core.permute(1, 2, 0).contiguous()  # (y, z, x)
+    core, words = _as_words(core), _as_words(out)
+    x, y, z = core.shape
+    runs_along_x = words.view(y, z, x)  # out's memory holds the first pass: one scratch tensor instead of two
+    runs_along_x.copy_(core.permute(1, 2, 0))
     runs_along_z = runs_along_x.transpose(1, 2).contiguous()  # (y, x, z)
-    target.copy_(runs_along_z.transpose(0, 1))  # (x, y, z)
+    words.view(x, y, z).copy_(runs_along_z.transpose(0, 1))
     return out
 
 
