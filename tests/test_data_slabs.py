@@ -97,3 +97,19 @@ def test_copies_and_pickles_of_a_served_patch_are_plain_dicts_of_their_own(brain
     assert served[1].intact()
     served[1]["image"] = served[1]["image"] + 0
     assert not served[1].intact()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda meta: meta.__setitem__("affine", meta["affine"].clone()),  # replaced by an equal copy
+        lambda meta: meta.update(note="added"),
+        lambda meta: meta.update(moved=meta.pop("dim")),  # as many entries, one of them under another key
+    ],
+    ids=["replaced", "added", "moved"],
+)
+def test_a_served_patch_whose_metadata_entries_changed_is_not_intact(brain, edit):
+    served = _slab_of(_patches(brain, 2))
+    assert "image" in served[0].slab.meta and served[0].intact() and served[1].intact()
+    edit(served[1]["image"].meta)
+    assert served[0].intact() and not served[1].intact()
