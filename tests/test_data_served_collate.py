@@ -161,3 +161,37 @@ def test_patches_are_laid_out_in_slabs_only_while_batches_are_collated_from_them
     for index, batch in enumerate(monai_batches):  # the same patches either way
         assert_same(batch, list_data_collate(first_epoch[4 * index : 4 * index + 4]))
     assert len(torch_batches) == 48
+
+
+def _probed_slabs(brain: dict, count: int, capacity: int, probe) -> list[list]:
+    sampler = UniformSamplerd(["image", "label"], 8, num_samples=count)
+    sampler.set_random_state(1)
+    patches, slabs = sampler(brain), []
+    for start in range(0, count, capacity):
+        slab = PatchSlab(capacity, probe)
+        for patch in patches[start : start + capacity]:
+            slab.add({**patch, "subject": "s-01"})
+        slabs.append(slab)
+    return slabs
+
+
+def test_a_slab_laid_out_after_batches_were_collated_slices_their_rows_ahead_and_batches_stay_right(brain):
+    from monai_patchqueue.data.slabs import CollationProbe
+
+    probe = CollationProbe(window=64, probe_every=4)
+    first, second, third = _probed_slabs(brain, 24, capacity=8, probe=probe)
+    served = first.served()
+    for start in (0, 4):
+        default_collate(served[start : start + 4])
+    assert probe.rows_taken == [(0, 4), (4, 8)]
+    later = second.served()  # laid out after those batches: their rows are sliced ahead, in this thread
+    assert set(second.meta["image"]._rows) == {(0, 4), (4, 8)}
+    batches = [default_collate(later[start : start + 4]) for start in (0, 4)]
+    for start, batch in zip((0, 4), batches):
+        assert_same(batch, list_data_collate([dict(patch) for patch in later[start : start + 4]]))
+    batches[0]["image"].meta["note"] = "mine"
+    batches[0]["image"].meta["filename_or_obj"].append("extra")
+    again = default_collate(later[0:4])  # the same rows once more: a dict and lists of its own
+    assert "note" not in again["image"].meta and len(again["image"].meta["filename_or_obj"]) == 4
+    odd = third.served()
+    assert_same(default_collate(odd[1:6]), list_data_collate([dict(patch) for patch in odd[1:6]]))  # not prepared

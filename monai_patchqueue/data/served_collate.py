@@ -48,7 +48,7 @@ def collate_served_patches(batch: Sequence[dict], *, collate_fn_map: dict[type, 
     collate_fn_map = default_collate_fn_map if collate_fn_map is None else collate_fn_map
     runs = _runs(batch)
     if runs is not None and runs[-1][0].probe is not None:
-        runs[-1][0].probe.collated()
+        runs[-1][0].probe.collated(runs[0][1:] if len(runs) == 1 else None)
     out = {}
     for key in batch[0]:
         values = [patch[key] for patch in batch]
@@ -83,7 +83,10 @@ def _joined(key: str, runs: list[tuple[PatchSlab, int, int]], values: list) -> t
     if any(meta is None or meta.signature != metas[0].signature for meta in metas):
         return None
     out = _rows(stacks, runs).as_subclass(type(values[0]))
-    out.meta = {name: _rows([meta.collated[name] for meta in metas], runs) for name in metas[0].collated}
+    if len(runs) == 1:  # sliced ahead by the thread that laid the slab out, where batches take the same rows
+        out.meta = metas[0].rows(*runs[0][1:])
+    else:
+        out.meta = {name: _rows([meta.collated[name] for meta in metas], runs) for name in metas[0].collated}
     out.applied_operations = [value.applied_operations or TraceKeys.NONE for value in values]
     out.is_batch = True
     spatial_ndim = min(getattr(value, "spatial_ndim", _DEFAULT_SPATIAL_NDIM) for value in values)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,9 @@ from torch.utils.data import default_collate
 from .transport import copy_in_this_thread
 
 __all__ = ["CollationProbe", "PatchSlab", "ServedPatch", "SlabMeta"]
+
+_ROWS_REMEMBERED = 8
+"""Row bounds of the last batches a probe remembers: those a slab of up to 16 patches will likely be asked for."""
 
 _PRECOLLATED_SCALARS = (bool, int, float, str)
 """Immutable metadata values whose collation (a tensor or a list) depends only on their type."""
@@ -105,12 +108,17 @@ class CollationProbe:
         self._taken = 0
         self._last_collated = 0
         self._declined = 0
+        self.rows_taken: list[tuple[int, int]] = []  # the last batches' rows, for the next slabs to prepare
 
     def took(self, count: int) -> None:
         self._taken += count
 
-    def collated(self) -> None:
+    def collated(self, rows: tuple[int, int] | None = None) -> None:
+        """Note that a batch was collated from a slab: from its rows ``(start, stop)`` when it lay in one."""
         self._last_collated = self._taken
+        if rows is not None:
+            self.rows_taken.append(rows)
+            del self.rows_taken[:-_ROWS_REMEMBERED]
 
     def new_epoch(self) -> None:
         """Make the next chunk a slab whatever the last ones showed."""
@@ -137,6 +145,30 @@ class SlabMeta:
     def __init__(self, collated: dict, signature: tuple) -> None:
         self.collated = collated
         self.signature = signature
+        self._rows: dict[tuple[int, int], dict] = {}
+
+    def rows(self, start: int, stop: int) -> dict:
+        """Return a new dict of each key's rows ``start:stop``, as a batch of those patches collates them.
+
+        Slicing some 45 header tensors takes about 0.17 ms; :meth:`prepare` does it ahead, in the thread that
+        lays the slab out, for the rows batches are expected to take. The dict and its lists are the batch's
+        own; its tensors are views of the slab's, as they would be anyway.
+
+        Example:
+            >>> meta = SlabMeta({"affine": torch.eye(4).expand(4, 4, 4), "name": list("abcd")}, signature=())
+            >>> rows = meta.rows(1, 3)
+            >>> tuple(rows["affine"].shape), rows["name"]
+            ((2, 4, 4), ['b', 'c'])
+        """
+        rows = self._rows.get((start, stop))
+        if rows is None:
+            rows = self._rows[start, stop] = {name: value[start:stop] for name, value in self.collated.items()}
+        return {name: list(value) if isinstance(value, list) else value for name, value in rows.items()}
+
+    def prepare(self, bounds: Iterable[tuple[int, int]]) -> None:
+        """Slice the rows of each ``(start, stop)`` in ``bounds`` now, for :meth:`rows` to return later."""
+        for start, stop in bounds:
+            self.rows(start, stop)
 
 
 class PatchSlab:
@@ -208,6 +240,10 @@ class PatchSlab:
         for key in self.data:
             if isinstance(self._patches[0][key], MetaTensor):
                 self._collate_meta(key)
+        if self.probe is not None and self.meta:
+            bounds = {(start, stop) for start, stop in tuple(self.probe.rows_taken) if stop <= count}
+            for meta in self.meta.values():
+                meta.prepare(bounds)
         patches, self._patches = self._patches, []
         served = []
         for index, patch in enumerate(patches):
