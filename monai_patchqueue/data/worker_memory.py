@@ -56,7 +56,7 @@ def _mallopt():
 def keep_freed_memory(worker_id: int | None = None) -> bool:
     """Have glibc keep this process's freed memory for reuse; return whether it could (False without glibc).
 
-    The queue passes it as the ``worker_init_fn`` of its own workers (``worker_id`` is ignored). Call it at the
+    The queue calls it in each of its workers, through :func:`start_worker` (``worker_id`` is ignored). Call it at the
     start of a training script to have the training process reuse the memory of each collated batch too; see
     the module docstring for what it keeps.
 
