@@ -113,7 +113,7 @@ def _collect_in_worker(worker_init_fn) -> tuple[int, int, int]:
 def test_a_started_worker_collects_garbage_without_walking_or_copying_what_it_inherited():
     inherited = [[index] for index in range(200_000)]  # tracked objects, some 20 MiB of the parent's heap
     gc.collect()  # the parent's own objects, old and settled, as in a training script
-    tracked, frozen, copied_kib = _collect_in_worker(lambda worker_id: start_worker(worker_id))
+    tracked, frozen, copied_kib = _collect_in_worker(start_worker)
     plain_tracked, plain_frozen, plain_copied_kib = _collect_in_worker(None)
     assert frozen >= len(inherited) and plain_frozen == 0
     assert tracked < len(inherited) / 10 < plain_tracked / 10  # its collections walk only its own objects

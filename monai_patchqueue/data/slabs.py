@@ -160,15 +160,20 @@ class SlabMeta:
             >>> tuple(rows["affine"].shape), rows["name"]
             ((2, 4, 4), ['b', 'c'])
         """
-        rows = self._rows.get((start, stop))
-        if rows is None:
-            rows = self._rows[start, stop] = {name: value[start:stop] for name, value in self.collated.items()}
+        rows = self._sliced(start, stop)
         return {name: list(value) if isinstance(value, list) else value for name, value in rows.items()}
 
     def prepare(self, bounds: Iterable[tuple[int, int]]) -> None:
         """Slice the rows of each ``(start, stop)`` in ``bounds`` now, for :meth:`rows` to return later."""
         for start, stop in bounds:
-            self.rows(start, stop)
+            self._sliced(start, stop)
+
+    def _sliced(self, start: int, stop: int) -> dict:
+        """The rows ``start:stop`` of every key, sliced once per slab and kept (views: they hold no memory)."""
+        rows = self._rows.get((start, stop))
+        if rows is None:
+            rows = self._rows[start, stop] = {name: value[start:stop] for name, value in self.collated.items()}
+        return rows
 
 
 class PatchSlab:
