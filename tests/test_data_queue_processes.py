@@ -277,14 +277,24 @@ def stream(num_workers):
     with PatchQueueDataset(data, UniformSamplerd("image", 6), 8, 3, num_workers=num_workers, seed=4) as queue:
         return [[int(p["image"][0, 0, 0, 0]), p["location"].tolist()] for _ in range(2) for p in queue]
 
+def kinds(num_workers):
+    from monai.data import MetaTensor
+    data = [{"image": MetaTensor(torch.zeros(1, 12, 12, 12))} for i in range(2)]
+    with PatchQueueDataset(data, UniformSamplerd("image", 6), 4, 2, num_workers=num_workers, seed=4) as queue:
+        return sorted({type(p["image"]).__name__ for p in queue})
+
 if __name__ == "__main__":  # spawned and forkserver children import this file again
+    from monai.data import set_track_meta
     mp.set_start_method(sys.argv[1], force=True)
-    print(json.dumps({"in_process": stream(0), "workers": stream(2)}))
+    report = {"in_process": stream(0), "workers": stream(2)}
+    set_track_meta(False)  # a global of the training process: the workers do not inherit it
+    report["untracked"] = {"in_process": kinds(0), "workers": kinds(1)}
+    print(json.dumps(report))
 """
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
-def test_workers_started_by_spawn_or_forkserver_serve_the_same_stream(start_method, tmp_path):
+def test_workers_started_by_spawn_or_forkserver_serve_the_same_stream_and_patch_types(start_method, tmp_path):
     # macOS starts processes by spawn, and Python 3.14 on Linux by forkserver: the workers then get the
     # queue's work by pickling, not by inheriting it
     script = tmp_path / "start_method.py"
@@ -295,6 +305,8 @@ def test_workers_started_by_spawn_or_forkserver_serve_the_same_stream(start_meth
     streams = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(streams["workers"]) == 2 * 5 * 3
     assert streams["workers"] == streams["in_process"]
+    # set_track_meta(False) reaches the workers' patches: plain tensors, as without workers
+    assert streams["untracked"] == {"in_process": ["Tensor"], "workers": ["Tensor"]}
 
 
 def test_the_queue_pickles_without_its_workers(nifti_subjects):

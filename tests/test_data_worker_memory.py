@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from monai_patchqueue.data.background import BackgroundTasks
 from monai_patchqueue.data.worker_memory import (
     _M_MMAP_THRESHOLD,
     _M_TRIM_THRESHOLD,
@@ -66,22 +65,6 @@ def test_a_worker_that_keeps_freed_memory_reuses_it_where_a_fresh_worker_faults_
     assert kept[0] >= pages / 2  # the first subject faults its memory in either way
     assert kept[-1] < pages / 4  # later subjects reuse it (a few hundred faults of other allocations under load)
     assert min(fresh[1:]) > pages / 2  # glibc's defaults return it to the system after each subject
-
-
-def test_the_queue_starts_its_workers_with_it():
-    from monai_patchqueue import UniformSamplerd
-    from monai_patchqueue.data.planner import EpochPlanner
-    from monai_patchqueue.data.subject_patches import SubjectPatches
-
-    work = SubjectPatches([{"image": torch.zeros(1, 8, 8, 8)}], UniformSamplerd("image", 4))
-    with_workers = BackgroundTasks(work, EpochPlanner([2], seed=0, shuffle_subjects=False), num_workers=1)
-    in_process = BackgroundTasks(work, EpochPlanner([2], seed=0, shuffle_subjects=False), num_workers=0)
-    try:
-        assert with_workers._loader.worker_init_fn is start_worker
-        assert in_process._loader.worker_init_fn is None  # the training process is left alone
-    finally:
-        with_workers.close()
-        in_process.close()
 
 
 class _CollectionCopies(torch.utils.data.Dataset):

@@ -38,7 +38,7 @@ from .shared_blocks import BlockTicket, SharedBlocks, block_nbytes, close_return
 from .slabs import ServedPatch
 from .subject_patches import SubjectPatches, patch_nbytes
 from .transport import PatchPack, pack_nbytes
-from .worker_memory import start_worker
+from .worker_start import WorkerStart
 
 __all__ = ["BackgroundTasks"]
 
@@ -254,7 +254,7 @@ class BackgroundTasks:
             persistent_workers=num_workers > 0,
             timeout=RESULT_POLL_S if num_workers > 0 else 0,
             prefetch_factor=PREFETCH_PER_WORKER if num_workers > 0 else None,
-            worker_init_fn=start_worker if num_workers > 0 else None,
+            worker_init_fn=WorkerStart.of_this_process() if num_workers > 0 else None,
         )
         self._iterator: Iterator | None = None
         self._receiver: Receiver | None = None  # with workers and a server: serves self._iterator's results ahead
@@ -269,6 +269,8 @@ class BackgroundTasks:
         if self._iterator is None or self._next != position:
             self._stop_threads(wait=True)  # before the iterator is reset under them
             self._stream.first_epoch = epoch
+            if self.num_workers > 0:  # the settings they start with are those of this moment, as with fork
+                self._loader.worker_init_fn = WorkerStart.of_this_process()
             self._iterator = iter(self._loader)
             self._unpacking, self._closed = threading.Lock(), threading.Event()
             _OPEN.add(self)
