@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def children_cpu_seconds() -> float:
         if int(fields[1]) == me:
             total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def queue_thread_cpu_seconds() -> dict[str, float]:
+    """User + system CPU seconds of this process's live threads named after the queue (its unpacking and
+    serving threads), by name."""
+    ticks, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for thread in threading.enumerate():
+        if not thread.name.startswith("PatchQueueDataset") or thread.native_id is None:
+            continue
+        try:
+            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        seconds[thread.name] = seconds.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
 
 
 def main() -> None:
@@ -75,12 +91,14 @@ def main() -> None:
     step_s = args.step_ms / 1e3
     bench_queue.consume(contender.loader, step_s)  # warm-up epoch: workers started, files in the page cache
     wall, training, workers, patches = time.perf_counter(), time.process_time(), children_cpu_seconds(), 0
+    queue_threads = queue_thread_cpu_seconds()
     waited = 0.0
     for _ in range(args.epochs):
         epoch_patches, epoch_waited = bench_queue.consume(contender.loader, step_s)
         patches, waited = patches + epoch_patches, waited + epoch_waited
     wall, training = time.perf_counter() - wall, time.process_time() - training
     workers = children_cpu_seconds() - workers
+    threads = {name: cpu - queue_threads.get(name, 0.0) for name, cpu in queue_thread_cpu_seconds().items()}
     contender.close()
     allocator = "glibc defaults" if args.default_worker_allocator else "keep_freed_memory"
     here = "keep_freed_memory" if args.keep_freed_memory else "glibc defaults"
@@ -92,6 +110,13 @@ def main() -> None:
         f"{patches / wall:.0f} patches/s, waited {waited / wall:.1%} after each epoch's first batch; "
         f"CPU per patch {training / patches * 1e3:.2f} ms training process + "
         f"{workers / patches * 1e3:.2f} ms workers = {(training + workers) / patches * 1e3:.2f} ms"
+    )
+    rest = training - sum(threads.values())
+    split = ", ".join(f"{cpu / patches * 1e3:.2f} ms {name.removeprefix('PatchQueueDataset ')} thread"
+                      for name, cpu in sorted(threads.items()))  # fmt: skip
+    print(
+        f"training process per patch: {split or 'no queue threads'}, {rest / patches * 1e3:.2f} ms the rest "
+        "(the loop and the loader's threads: collation)"
     )
 
 
