@@ -11,7 +11,7 @@ monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decomp
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
 
     python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0] [--formats .nii] [--samplers uniform]
-        [--torch-threads 1] [--our-batches thread|torch] [--keep-freed-memory]
+        [--torch-threads 1] [--our-batches thread|torch] [--keep-freed-memory] [--no-header]
     # writes benchmarks/results/queue*.md; a subset of formats or samplers, or other threads, batches or
     # allocator settings, writes its own file
 
@@ -85,16 +85,19 @@ def loader_for(suffix: str) -> Compose:
     ])  # fmt: skip
 
 
-def mapped_loader() -> Compose:
-    """The package's loader for .nii: values and metadata of LoadImaged, voxels left memory-mapped."""
+def mapped_loader(keep_header: bool = True) -> Compose:
+    """The package's loader: values and metadata of LoadImaged (without the raw NIfTI header fields unless
+    ``keep_header``), .nii voxels left memory-mapped."""
     return Compose([
-        LoadMappedNiftid("image", ensure_channel_first=True),
-        LoadMappedNiftid("label", dtype=np.uint8, ensure_channel_first=True),
+        LoadMappedNiftid("image", ensure_channel_first=True, keep_header=keep_header),
+        LoadMappedNiftid("label", dtype=np.uint8, ensure_channel_first=True, keep_header=keep_header),
     ])  # fmt: skip
 
 
-def ours_with_our_loader(datalist: list[dict], sampler: str, load: Compose, batches: str = "thread") -> Iterable:
-    return ours(datalist, sampler, mapped_loader(), batches)
+def ours_with_our_loader(
+    datalist: list[dict], sampler: str, load: Compose, batches: str = "thread", keep_header: bool = True
+) -> Iterable:
+    return ours(datalist, sampler, mapped_loader(keep_header), batches)
 
 
 def ours(datalist: list[dict], sampler: str, load: Compose, batches: str = "thread") -> Iterable:
@@ -195,6 +198,11 @@ def main() -> None:
         help="read our queue through MONAI's ThreadDataLoader (default) or torch's DataLoader",
     )
     parser.add_argument(
+        "--no-header",
+        action="store_true",
+        help="our loader drops the raw NIfTI header fields (LoadMappedNiftid(keep_header=False))",
+    )
+    parser.add_argument(
         "--keep-freed-memory",
         action="store_true",
         help="call monai_patchqueue.keep_freed_memory() in this (the training) process: every contender runs with it",
@@ -204,7 +212,9 @@ def main() -> None:
     if args.keep_freed_memory:
         keep_freed_memory()
     contenders = {
-        "monai_patchqueue": functools.partial(ours_with_our_loader, batches=args.our_batches),
+        "monai_patchqueue": functools.partial(
+            ours_with_our_loader, batches=args.our_batches, keep_header=not args.no_header
+        ),
         WITH_LOADIMAGED: functools.partial(ours, batches=args.our_batches),
         "TorchIO Queue": torchio_queue,
         "MONAI Dataset + crop": monai_dataset,
@@ -218,7 +228,8 @@ def main() -> None:
             ceilings, our_ceilings = [], []
             for _ in range(args.repeats):
                 ceilings.append(SAMPLES_PER_VOLUME * WORKERS / load_seconds(datalist, load))
-                our_ceilings.append(SAMPLES_PER_VOLUME * WORKERS / load_seconds(datalist, mapped_loader()))
+                our_loader = mapped_loader(keep_header=not args.no_header)
+                our_ceilings.append(SAMPLES_PER_VOLUME * WORKERS / load_seconds(datalist, our_loader))
                 for name, make in contenders.items():
                     patches, wall, waited = epochs(make(datalist, sampler, load), args.step_ms / 1000)
                     assert patches == EPOCHS * SUBJECTS * SAMPLES_PER_VOLUME, (name, patches)
@@ -259,7 +270,9 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
         "rounds' ratios); "
         f"simulated step {args.step_ms:g} ms per batch of {BATCH}; torch threads in the training process: "
         f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
-        f"{'keep_freed_memory() in the training process; ' if args.keep_freed_memory else ''}our queue read through "
+        f"{'keep_freed_memory() in the training process; ' if args.keep_freed_memory else ''}"
+        f"{'our loader without the raw NIfTI header fields (keep_header=False); ' if args.no_header else ''}"
+        "our queue read through "
         f"{'torch DataLoader' if args.our_batches == 'torch' else 'MONAI ThreadDataLoader'}",
         "",
         "| data | sampler | ceiling: LoadImaged / ours | monai_patchqueue | (with LoadImaged) | TorchIO Queue "
@@ -292,6 +305,8 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
         suffix += f"_{args.our_batches}_dataloader"
     if args.keep_freed_memory:
         suffix += "_keep_freed_memory"
+    if args.no_header:
+        suffix += "_no_header"
     (RESULTS / f"queue{suffix}.md").write_text(text + "\n")
 
 

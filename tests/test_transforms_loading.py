@@ -224,3 +224,45 @@ def test_a_list_of_files_is_refused_naming_the_argument_and_the_key(tmp_path):
         LoadMappedNifti()([tmp_path / "a.nii", tmp_path / "b.nii"])
     with pytest.raises(TypeError, match=r"key 'image'.*filename.*list"):
         LoadMappedNiftid("image")({"image": [tmp_path / "a.nii"]})
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_without_the_header_only_monai_entries_remain_with_load_images_values(tmp_path, suffix):
+    from monai_patchqueue.transforms.loading import STRUCTURAL_KEYS
+
+    path = save(tmp_path, "channels", suffix)
+    expected = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(path)
+    lean = LoadMappedNifti(ensure_channel_first=True, keep_header=False)(path)
+    assert torch.equal(lean.as_tensor(), expected.as_tensor())
+    assert set(lean.meta) == STRUCTURAL_KEYS & set(expected.meta)
+    assert {"affine", "original_affine", "spatial_shape", "pixdim", "filename_or_obj"} <= set(lean.meta)
+    assert not {"sizeof_hdr", "dim", "srow_x", "qform_code"} & set(lean.meta)
+    assert all(same_meta_value(lean.meta[key], expected.meta[key]) for key in lean.meta)
+    # MONAI's spatial transforms need no more: the same result as from LoadImage's full header
+    from monai.transforms import Orientation, Spacing
+
+    for transform in (Orientation("LPS", labels=None), Spacing((1.0, 2.0, 2.5))):
+        ours, theirs = transform(lean), transform(expected)
+        assert torch.equal(ours.as_tensor(), theirs.as_tensor())
+        torch.testing.assert_close(ours.affine, theirs.affine)
+
+
+def test_the_header_option_reaches_the_dictionary_version_and_is_checked(tmp_path):
+    image = save(tmp_path, "float32", ".nii")
+    subject = LoadMappedNiftid("image", keep_header=False)({"image": image})
+    assert "dim" not in subject["image"].meta and "affine" in subject["image"].meta
+    assert "dim" in LoadMappedNiftid("image")({"image": image})["image"].meta  # kept by default, as LoadImaged
+    with pytest.raises(TypeError, match="keep_header"):
+        LoadMappedNifti(keep_header="no")
+
+
+def test_patches_and_batches_of_headerless_volumes_carry_only_monai_entries(nii_subjects):
+    from torch.utils.data import DataLoader
+
+    load = Compose([LoadMappedNiftid(["image", "label"], ensure_channel_first=True, keep_header=False)])
+    sampler = LabelSamplerd(["image", "label"], 6, "label", 4, label_probabilities={0: 1, 1: 1, 2: 1})
+    with PatchQueueDataset(nii_subjects, sampler, 8, 4, transform=load, seed=0) as queue:
+        batch = next(iter(DataLoader(queue, batch_size=4)))
+    assert "dim" not in batch["image"].meta and batch["image"].affine.shape == (4, 4, 4)
+    assert set(batch["image"].meta["filename_or_obj"]) <= {subject["image"] for subject in nii_subjects}
+    assert set(batch["label"].meta) == set(batch["image"].meta)
