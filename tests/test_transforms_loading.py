@@ -245,6 +245,13 @@ def test_without_the_header_only_monai_entries_remain_with_load_images_values(tm
         ours, theirs = transform(lean), transform(expected)
         assert torch.equal(ours.as_tensor(), theirs.as_tensor())
         torch.testing.assert_close(ours.affine, theirs.affine)
+    # and MONAI's saver writes the file back with its affine
+    from monai.transforms import SaveImage
+
+    SaveImage(output_dir=tmp_path / "saved", output_postfix="back", separate_folder=False, print_log=False)(lean)
+    saved = nib.load(tmp_path / "saved" / "channels_back.nii.gz")
+    np.testing.assert_array_equal(saved.affine, AFFINE)
+    np.testing.assert_array_equal(np.asarray(saved.dataobj), VOLUMES["channels"][0])
 
 
 def test_the_header_option_reaches_the_dictionary_version_and_is_checked(tmp_path):
