@@ -22,7 +22,7 @@ little; the loader pays off when the per-subject transform before sampling is ch
 With ``keep_header=False`` the metadata keeps MONAI's own entries (:data:`STRUCTURAL_KEYS`: affines, spatial
 shape, space, pixel dimensions, channel axis, file name) and drops the ~35 raw NIfTI header fields that
 ``LoadImage`` copies into it (``sizeof_hdr``, ``dim``, ``srow_x``, ``qform_code``...), which no MONAI transform,
-inverse or saver reads. Every patch and batch then carries 9 instead of 44 entries per image: in the queue
+inverse or saver reads. Every patch and batch then carries 8 instead of 44 entries per image: in the queue
 benchmark (``.nii``, uniform sampler) that was 5-15% more patches per second.
 """
 
@@ -84,6 +84,9 @@ class LoadMappedNifti(Transform):
         >>> volume = LoadMappedNifti(ensure_channel_first=True)(path)
         >>> volume.shape, volume.dtype, float(volume[0, 1, 2, 3])
         (torch.Size([1, 8, 8, 8]), torch.float32, 83.0)
+        >>> lean = LoadMappedNifti(keep_header=False)(path)  # without the raw header fields
+        >>> len(volume.meta), len(lean.meta), "dim" in lean.meta, "affine" in lean.meta
+        (44, 8, False, True)
     """
 
     def __init__(
