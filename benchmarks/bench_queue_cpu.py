@@ -31,33 +31,40 @@ from monai_patchqueue import keep_freed_memory
 from monai_patchqueue.data import worker_memory
 
 
+def _stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc ``stat`` file after the command name (state, parent pid, ...), or None when the
+    process or thread has ended."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _cpu_seconds(fields: list[str]) -> float:
+    """User + system CPU seconds from a /proc ``stat`` file's fields."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children_cpu_seconds() -> float:
     """User + system CPU seconds of this process's live child processes (the queue's workers)."""
-    me, total, ticks = os.getpid(), 0.0, os.sysconf("SC_CLK_TCK")
+    me, total = os.getpid(), 0.0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[1]) == me:
-            total += (int(fields[11]) + int(fields[12])) / ticks
+        fields = _stat_fields(entry / "stat") if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == me:
+            total += _cpu_seconds(fields)
     return total
 
 
 def queue_thread_cpu_seconds() -> dict[str, float]:
     """User + system CPU seconds of this process's live threads named after the queue (its unpacking and
     serving threads), by name."""
-    ticks, seconds = os.sysconf("SC_CLK_TCK"), {}
+    seconds: dict[str, float] = {}
     for thread in threading.enumerate():
         if not thread.name.startswith("PatchQueueDataset") or thread.native_id is None:
             continue
-        try:
-            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # ended meanwhile
-            continue
-        seconds[thread.name] = seconds.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        fields = _stat_fields(Path(f"/proc/self/task/{thread.native_id}/stat"))
+        if fields is not None:
+            seconds[thread.name] = seconds.get(thread.name, 0.0) + _cpu_seconds(fields)
     return seconds
 
 

@@ -62,7 +62,7 @@ def test_the_queue_starts_its_workers_with_the_settings_of_the_moment_they_start
         in_process.close()
 
 
-def test_untracked_metadata_reaches_the_workers_patches(monkeypatch):
+def test_untracked_metadata_reaches_the_workers_patches():
     # (with fork the workers would inherit it anyway; tests/test_data_queue_processes.py runs spawn and forkserver)
     from monai.data import set_track_meta
 

@@ -254,7 +254,6 @@ class BackgroundTasks:
             persistent_workers=num_workers > 0,
             timeout=RESULT_POLL_S if num_workers > 0 else 0,
             prefetch_factor=PREFETCH_PER_WORKER if num_workers > 0 else None,
-            worker_init_fn=WorkerStart.of_this_process() if num_workers > 0 else None,
         )
         self._iterator: Iterator | None = None
         self._receiver: Receiver | None = None  # with workers and a server: serves self._iterator's results ahead
@@ -269,7 +268,7 @@ class BackgroundTasks:
         if self._iterator is None or self._next != position:
             self._stop_threads(wait=True)  # before the iterator is reset under them
             self._stream.first_epoch = epoch
-            if self.num_workers > 0:  # the settings they start with are those of this moment, as with fork
+            if self.num_workers > 0:  # workers start with the settings of this moment, as forked ones would
                 self._loader.worker_init_fn = WorkerStart.of_this_process()
             self._iterator = iter(self._loader)
             self._unpacking, self._closed = threading.Lock(), threading.Event()
