@@ -12,7 +12,7 @@ what the per-patch MetaTensors cost.
 
     python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
         [--default-worker-allocator] [--no-worker-gc-freeze] [--keep-freed-memory] [--no-track-meta]
-        [--step-ms 0] [--our-batches thread] [--no-header]
+        [--step-ms 0] [--our-batches thread] [--no-header] [--loadimaged]
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=0.0, help="simulated training step per batch of 8")
     parser.add_argument("--our-batches", choices=("thread", "torch"), default="thread")
     parser.add_argument("--no-header", action="store_true", help="LoadMappedNiftid(keep_header=False)")
+    parser.add_argument(
+        "--loadimaged", action="store_true", help="load with MONAI's LoadImaged, as bench_queue.py's second column"
+    )
     parser.add_argument("--data", type=Path, default=bench_queue.RESULTS / "queue_data")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -95,7 +98,10 @@ def main() -> None:
     if args.no_track_meta:
         set_track_meta(False)  # before the queue forks its workers, which inherit it
     datalist = bench_queue.make_subjects(args.data, args.format)
-    contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None, args.our_batches, not args.no_header)
+    if args.loadimaged:
+        contender = bench_queue.ours(datalist, args.sampler, bench_queue.loader_for(args.format), args.our_batches)
+    else:
+        contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None, args.our_batches, not args.no_header)
     step_s = args.step_ms / 1e3
     bench_queue.consume(contender.loader, step_s)  # warm-up epoch: workers started, files in the page cache
     wall, training, workers, patches = time.perf_counter(), time.process_time(), children_cpu_seconds(), 0
@@ -114,6 +120,7 @@ def main() -> None:
         f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}, "
         f"training process allocator: {here}, worker gc freeze: {'off' if args.no_worker_gc_freeze else 'on'}, "
         f"metadata {'off' if args.no_track_meta else 'tracked'}{', no raw header' if args.no_header else ''}, "
+        f"loader {'LoadImaged' if args.loadimaged else 'LoadMappedNiftid'}, "
         f"step {args.step_ms:g} ms, {args.our_batches} batches: "
         f"{patches / wall:.0f} patches/s, waited {waited / wall:.1%} after each epoch's first batch; "
         f"CPU per patch {training / patches * 1e3:.2f} ms training process + "
