@@ -58,12 +58,18 @@ def _valid_centres(volume: torch.Tensor, patch_size: Sequence[int]) -> torch.Ten
 def _row_sums(weights: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Return the sums of ``weights`` over its last axis, by the fastest exact-enough route for its dtype.
 
-    Bool masks (tensors or NumPy arrays) are counted by NumPy, an order of magnitude faster than torch's bool
-    reductions; floats are summed in their own precision (a row is short) and redone in float64 only if that
-    overflowed. A row of zeros always sums to exactly zero, so it is never drawn.
+    Bool masks (tensors or NumPy arrays) are counted by NumPy as bytes into the narrowest exact counter (uint16
+    for rows shorter than 65,536), 6x faster than ``np.count_nonzero`` along an axis and an order of magnitude
+    faster than torch's bool reductions; floats are summed in their own precision (a row is short) and redone
+    in float64 only if that overflowed. A row of zeros always sums to exactly zero, so it is never drawn.
     """
-    if isinstance(weights, np.ndarray) or weights.dtype == torch.bool:
-        return torch.from_numpy(np.asarray(np.count_nonzero(np.asarray(weights), axis=-1)))
+    if isinstance(weights, torch.Tensor) and weights.dtype == torch.bool and weights.device.type == "cpu":
+        weights = weights.numpy()
+    if isinstance(weights, np.ndarray):  # a mask, from `LabelClass.matches` on NumPy values
+        mask = np.asarray(weights, dtype=bool)
+        counter = np.uint16 if mask.shape[-1] <= np.iinfo(np.uint16).max else np.int64
+        counts = np.add.reduce(mask.view(np.uint8), axis=-1, dtype=counter)
+        return torch.from_numpy(np.asarray(counts, dtype=np.int64))
     if weights.is_floating_point():
         sums = weights.sum(dim=-1, dtype=torch.float32 if weights.dtype != torch.float64 else None)
         return sums if bool(torch.isfinite(sums).all()) else weights.sum(dim=-1, dtype=torch.float64)

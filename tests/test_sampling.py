@@ -177,6 +177,19 @@ def test_label_class_balance_on_the_embedded_brain(brain):
     assert chisquare(observed, np.array([0.25, 0.25, 0.5]) * len(starts)).pvalue > P_THRESHOLD
 
 
+def test_label_rows_longer_than_a_uint16_counter_are_counted_exactly():
+    # Class voxels are counted per row along the last axis in uint16 when rows are short enough; a row of
+    # 70,000 voxels must not wrap around (70,000 mod 65,536 would give the second row 0.2% instead of 0.014%).
+    label = torch.zeros(1, 2, 70_000, dtype=torch.uint8)
+    label[0, 0] = 1
+    label[0, 1, :10] = 1
+    probabilities = label_probability_map(label, (1, 1), label_classes(1, {1: 1}))
+    assert probabilities.sum().item() == pytest.approx(1.0)
+    assert probabilities[0, 0].item() == pytest.approx(1 / 70_010)
+    starts = label_starts(label, (1, 1), 20_000, np.random.RandomState(0), label_classes(1, {1: 1}))
+    assert (starts[:, 0] == 1).sum() < 15  # expected 2.9 draws from the second row (44.6 if it wrapped)
+
+
 def test_one_hot_default_excludes_channel_zero():
     one_hot = torch.zeros(3, 10, 10)
     one_hot[0] = 1  # background channel everywhere

@@ -25,7 +25,7 @@ from .._checks import (
 )
 from ..locations import grid_locations, patch_locations
 from ..sampling import label_classes, label_starts, uniform_starts, weighted_starts
-from .functional import crop_patches, restore_patch, spatial_shape_of
+from .functional import crop_patches, plain_tensor, restore_patch, spatial_shape_of
 
 __all__ = ["GridSampler", "LabelSampler", "PatchCropper", "UniformSampler", "WeightedSampler"]
 
@@ -100,7 +100,7 @@ class UniformSampler(Randomizable, PatchCropper):
 
 
 def _single_channel_map(probability_map: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
-    probability_map = torch.as_tensor(probability_map)
+    probability_map = plain_tensor(probability_map)
     spatial_shape_of(probability_map, f"`{name}`")
     if probability_map.shape[0] != 1:
         raise ValueError(
@@ -199,7 +199,7 @@ class LabelSampler(Randomizable, PatchCropper):
 
     def randomize(self, label: torch.Tensor | np.ndarray, *, name: str = "label") -> np.ndarray:
         """Draw and return ``(num_samples, 2n)`` locations from a ``(C, *spatial)`` label map."""
-        label = torch.as_tensor(label)
+        label = plain_tensor(label)
         spatial_shape = spatial_shape_of(label, f"`{name}`")
         patch_size = self.spatial_patch_size(spatial_shape, f"`{name}`")
         classes = label_classes(label.shape[0], self.label_probabilities)

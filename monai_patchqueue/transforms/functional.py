@@ -22,6 +22,7 @@ __all__ = [
     "crop_patches",
     "location_slices",
     "new_metatensor",
+    "plain_tensor",
     "restore_patch",
     "shifted_affine",
     "shifted_affines",
@@ -42,6 +43,20 @@ def spatial_shape_of(img: torch.Tensor | np.ndarray, where: str) -> tuple[int, .
             f"{tuple(int(s) for s in img.shape)}"
         )
     return tuple(int(s) for s in img.shape[1:])
+
+
+def plain_tensor(img: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Return ``img`` as a plain tensor sharing its memory: a MetaTensor's data without its metadata.
+
+    Arithmetic on a MetaTensor goes through MONAI's metadata propagation on every operation (tens of
+    microseconds each); samplers compute on the plain data.
+
+    Example:
+        >>> from monai.data import MetaTensor
+        >>> type(plain_tensor(MetaTensor(torch.zeros(2)))).__name__, type(plain_tensor(np.zeros(2))).__name__
+        ('Tensor', 'Tensor')
+    """
+    return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
 
 
 def shifted_affine(affine: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
@@ -198,7 +213,7 @@ def crop_patches(
         >>> patches[0].meta["location"]
         tensor([1, 1, 3, 3])
     """
-    data = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+    data = plain_tensor(img)
     crops = [contiguous_copy(view, out) for view, out in zip(*_views_and_targets(data, locations))]
     if not get_track_meta():
         return crops
@@ -250,7 +265,7 @@ def restore_patch(patch: torch.Tensor, transform: dict) -> MetaTensor:
             f"cannot put back a patch of spatial shape {tuple(patch.shape[1:])} at location {location}: "
             f"it was cropped with spatial shape {expected}"
         )
-    data = patch.as_tensor() if isinstance(patch, MetaTensor) else torch.as_tensor(patch)
+    data = plain_tensor(patch)
     volume = torch.zeros((data.shape[0], *original_shape), dtype=data.dtype, device=data.device)
     volume[location_slices(location)] = data
     if not isinstance(patch, MetaTensor):
