@@ -14,7 +14,7 @@ from monai.utils import convert_to_dst_type
 
 from .._checks import check_bool, check_positive_int
 from ..transforms.array import GridSampler
-from ..transforms.functional import location_slices
+from ..transforms.functional import location_slices, plain_tensor
 from .aggregator import GridAggregator, check_overlap_mode
 
 __all__ = ["GridInferer"]
@@ -117,11 +117,11 @@ class GridInferer(Inferer):
             yield locations[start : start + self.batch_size]
 
     def _infer_volume(self, image: torch.Tensor, network: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        image = image.as_tensor() if isinstance(image, MetaTensor) else image
+        image = plain_tensor(image)
         spatial_shape = tuple(image.shape[1:])
         locations = self.sampler.grid(spatial_shape, where="the input")
         padded = self.sampler.pad(image)
-        padded = padded.as_tensor() if isinstance(padded, MetaTensor) else padded
+        padded = plain_tensor(padded)
         aggregators: list[GridAggregator] = []
         rebuild = None
         new_aggregator = partial(self._aggregator, spatial_shape, self.device or image.device)
