@@ -12,7 +12,13 @@ every call's buffers show up in its peak. The allowance is what issue 4 grants G
 one-channel weight buffer and one batch of patches on top of what the network needs for one batch (the
 floor's peak).
 
-    python benchmarks/bench_grid.py [--repeats 5] [--no-memory]   # writes benchmarks/results/grid.md
+With ``--device cuda`` the image and the networks live on the GPU and every implementation runs there, except
+TorchIO's aggregator, which accumulates on the CPU by design (its patches are cut from the CPU image and moved
+to the GPU per batch, as in TorchIO's tutorials); two more rows keep the output in CPU memory
+(``device="cpu"``), as for volumes whose output does not fit the GPU. The memory table then reports each call's
+peak GPU memory above what was allocated before it (torch's allocator statistics) instead of resident memory.
+
+    python benchmarks/bench_grid.py [--repeats 5] [--no-memory] [--device cuda]   # writes results/grid[-cuda].md
 """
 
 from __future__ import annotations
@@ -53,12 +59,12 @@ def networks() -> dict[str, torch.nn.Module]:
     return {"small 3D UNet": unet.eval(), "plain conv net": plain.eval(), "1x1x1 conv": pointwise.eval()}
 
 
-def torchio_grid(image: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
-    subject = tio.Subject(image=tio.ScalarImage(tensor=image[0]))
+def torchio_grid(image: torch.Tensor, network: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image[0].cpu()))
     sampler = tio.GridSampler(subject, patch_size=PATCH, patch_overlap=OVERLAP)
     aggregator = tio.GridAggregator(sampler, overlap_mode="crop")
     for batch in torch.utils.data.DataLoader(sampler, batch_size=BATCH):
-        aggregator.add_batch(network(batch["image"][tio.DATA]), batch[tio.LOCATION])
+        aggregator.add_batch(network(batch["image"][tio.DATA].to(device)), batch[tio.LOCATION])
     return aggregator.get_output_tensor()[None]
 
 
@@ -68,20 +74,71 @@ def patches_alone(patches: torch.Tensor, network: torch.nn.Module) -> None:
 
 
 def implementations(image: torch.Tensor, network: torch.nn.Module) -> dict[str, Callable[[], object]]:
+    """The calls to time, on the device that ``image`` and ``network`` are on."""
     locations = grid_locations(SHAPE, (PATCH,) * 3, (OVERLAP,) * 3)
     patches = torch.stack([image[0][:, a:d, b:e, c:f] for a, b, c, d, e, f in locations.tolist()])
     ours_crop = GridInferer(PATCH, OVERLAP, overlap_mode="crop", batch_size=BATCH)
     ours_hann = GridInferer(PATCH, OVERLAP, overlap_mode="hann", batch_size=BATCH)
-    return {
+    calls = {
         "GridInferer crop": lambda: ours_crop(image, network),
         "GridInferer hann": lambda: ours_hann(image, network),
         "MONAI sliding_window_inference (constant)": lambda: sliding_window_inference(
             image, PATCH, BATCH, network, overlap=OVERLAP / PATCH, mode="constant"
         ),
-        "TorchIO GridSampler + GridAggregator (crop)": lambda: torchio_grid(image, network),
+        "TorchIO GridSampler + GridAggregator (crop)": lambda: torchio_grid(image, network, image.device),
         "network on the patches alone (floor)": lambda: patches_alone(patches, network),
         "network on the whole volume": lambda: network(image),
     }
+    if image.device.type != "cpu":
+        to_cpu = GridInferer(PATCH, OVERLAP, overlap_mode="crop", batch_size=BATCH, device="cpu")
+        calls["GridInferer crop, output on the CPU"] = lambda: to_cpu(image, network)
+        calls["MONAI sliding_window_inference (constant), output on the CPU"] = lambda: sliding_window_inference(
+            image, PATCH, BATCH, network, overlap=OVERLAP / PATCH, mode="constant", device="cpu"
+        )
+    return calls
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer brackets the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_memory_table(image: torch.Tensor) -> list[str]:
+    """Peak GPU memory of one call above what was allocated before it, per network and implementation."""
+    voxels, patch_voxels = SHAPE[0] * SHAPE[1] * SHAPE[2], PATCH**3
+    lines = [
+        "",
+        f"Peak extra GPU memory (MiB) of one call after a warm-up (torch.cuda.max_memory_allocated); allowance for "
+        f"GridInferer: the floor's peak + output ({3 * voxels * 4 / 2**20:.1f}) + one-channel weights "
+        f"({voxels * 4 / 2**20:.1f}) + one batch of input patches ({BATCH * patch_voxels * 4 / 2**20:.1f}); "
+        f"weighted modes also hold a one-patch window; outputs kept on the CPU count nothing there; verdicts allow "
+        f"1 MiB of allocator granularity.",
+        "",
+        "| network | implementation | peak extra MiB | GridInferer's allowance MiB | within it |",
+        "|---|---|---|---|---|",
+    ]
+    for network_name, network in networks().items():
+        peaks = {}
+        for name, call in implementations(image, network.to(image.device)).items():
+            with torch.no_grad():
+                call()
+                synchronize(image.device)
+                torch.cuda.reset_peak_memory_stats(image.device)
+                before = torch.cuda.memory_allocated(image.device)
+                result = call()
+                synchronize(image.device)
+                peaks[name] = torch.cuda.max_memory_allocated(image.device) - before
+            del result
+        allowance = peaks["network on the patches alone (floor)"] + (4 * voxels + BATCH * patch_voxels) * 4
+        for name, peak in peaks.items():
+            limit = allowance + (patch_voxels * 4 if "hann" in name else 0)
+            verdict = ("yes" if peak <= limit + TOLERANCE else "**no**") if name.startswith("GridInferer") else ""
+            limit_text = f"{limit / 2**20:.1f}" if verdict else ""
+            row = f"| {network_name} | {name} | {peak / 2**20:.1f} | {limit_text} | {verdict} |"
+            print(row, flush=True)
+            lines.append(row)
+    return lines
 
 
 def _status_kib(field: str) -> int:
@@ -145,26 +202,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory measurement")
+    parser.add_argument("--device", default="cpu", help="where the image and the networks live: cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 1, *SHAPE, generator=generator)
+    image = torch.rand(1, 1, *SHAPE, generator=generator).to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     lines = [
-        f"Seconds per volume, {SHAPE} image, patch {PATCH}, overlap {OVERLAP}, batch {BATCH}, CPU "
-        f"({torch.get_num_threads()} threads), median of {args.repeats} interleaved runs.",
+        f"Seconds per volume, {SHAPE} image, patch {PATCH}, overlap {OVERLAP}, batch {BATCH}, {where}, "
+        f"median of {args.repeats} interleaved runs.",
         "",
         "| network | implementation | seconds | vs GridInferer crop |",
         "|---|---|---|---|",
     ]
     for network_name, network in networks().items():
-        calls = implementations(image, network)
+        calls = implementations(image, network.to(device))
         times: dict[str, list[float]] = {name: [] for name in calls}
         with torch.no_grad():
             for call in calls.values():
                 call()  # warm-up
             for _ in range(args.repeats):
                 for name, call in calls.items():
+                    synchronize(device)
                     start = time.perf_counter()
                     call()
+                    synchronize(device)
                     times[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in times.items()}
         ours = medians["GridInferer crop"]
@@ -173,11 +235,11 @@ def main() -> None:
             print(row, flush=True)
             lines.append(row)
     if not args.no_memory:
-        lines += memory_table()
+        lines += memory_table() if device.type == "cpu" else gpu_memory_table(image)
     table = "\n".join(lines)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "grid.md").write_text(table + "\n")
+    (out / ("grid.md" if device.type == "cpu" else f"grid-{device.type}.md")).write_text(table + "\n")
     print("\n" + table)
 
 

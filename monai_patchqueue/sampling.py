@@ -7,6 +7,10 @@ Weighted draws use two-level inverse transform sampling: one vectorised pass sum
 (the last spatial axis), a cumulative sum over the rows picks a row per patch, and a cumulative sum over that
 one row picks the voxel. A call costs one O(voxels) reduction plus O(row length + log rows) per patch, and
 never materialises a flattened copy or a cumulative sum of the whole map.
+
+Maps may live on any device: the reductions over the volume run where the map is, and only the row sums and the
+few rows drawn come to the CPU, where the draws are made. A draw therefore depends on the seed alone, not on the
+device (up to float rounding in the row sums of a float map; counts of a label class are exact).
 """
 
 from __future__ import annotations
@@ -77,8 +81,8 @@ def _row_sums(weights: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def _row_cdf(weights: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Return the float64 cumulative sum of the sums of ``weights`` over its last axis (rows flattened)."""
-    return torch.cumsum(_row_sums(weights).reshape(-1).to(torch.float64), dim=0)
+    """Return the float64 cumulative sum of the sums of ``weights`` over its last axis (rows flattened), on the CPU."""
+    return torch.cumsum(_row_sums(weights).reshape(-1).to(device="cpu", dtype=torch.float64), dim=0)
 
 
 def _inverse_cdf(cdf: torch.Tensor, uniforms: np.ndarray) -> torch.Tensor:
@@ -103,7 +107,7 @@ def _draw_indices(
 
     Args:
         weights: ``(n spatial dims)`` non-negative weights, possibly a strided view.
-        row_cdf: ``_row_cdf(row_weights(weights))`` with a positive total.
+        row_cdf: ``_row_cdf(row_weights(weights))`` with a positive total (on the CPU).
         num_samples: how many indices to draw.
         rng: the only source of randomness.
         row_weights: maps gathered rows of ``weights`` to their weights (identity when None), so that a class
@@ -112,9 +116,9 @@ def _draw_indices(
     uniforms = rng.random_sample(2 * num_samples)
     rows = _inverse_cdf(row_cdf, uniforms[:num_samples]).numpy()
     row_index = np.unravel_index(rows, weights.shape[:-1])
-    gathered = weights[tuple(torch.from_numpy(np.asarray(i)) for i in row_index)]
+    gathered = weights[tuple(torch.as_tensor(np.asarray(i), device=weights.device) for i in row_index)]
     gathered = row_weights(gathered) if row_weights is not None else gathered
-    column_cdf = torch.cumsum(gathered.to(torch.float64), dim=-1)
+    column_cdf = torch.cumsum(gathered.to(device="cpu", dtype=torch.float64), dim=-1)
     columns = _inverse_cdf(column_cdf, uniforms[num_samples:]).reshape(-1).numpy()
     return np.stack([*row_index, columns], axis=1).astype(np.int64)
 
@@ -182,7 +186,7 @@ def weighted_probability_map(
 ) -> torch.Tensor:
     """Return the spatial float64 map of each voxel's probability of being drawn as a centre by the weighted sampler.
 
-    It is ``probability_map`` with the non-centre border zeroed, normalised to sum to 1: what
+    It is ``probability_map`` with the non-centre border zeroed, normalised to sum to 1, on the map's device: what
     :func:`weighted_starts` samples from (used by tests, tutorials and to compare with TorchIO).
 
     Example:
@@ -190,7 +194,7 @@ def weighted_probability_map(
         tensor([[0.0000, 0.3333, 0.6667, 0.0000]], dtype=torch.float64)
     """
     _check_probability_values(probability_map, name)
-    probabilities = torch.zeros(probability_map.shape, dtype=torch.float64)
+    probabilities = torch.zeros(probability_map.shape, dtype=torch.float64, device=probability_map.device)
     valid = _valid_centres(probabilities, patch_size)
     valid += _valid_centres(probability_map, patch_size).to(torch.float64)
     total = valid.sum().item()
@@ -311,8 +315,8 @@ def label_probability_map(
 ) -> torch.Tensor:
     """Return the spatial float64 map of each voxel's probability of being drawn as a centre by the label sampler.
 
-    It sums to 1, is zero outside valid centres, and is what :func:`label_starts` samples from (used by tests,
-    tutorials and to compare with TorchIO).
+    It sums to 1, is zero outside valid centres, lies on the label's device, and is what :func:`label_starts`
+    samples from (used by tests, tutorials and to compare with TorchIO).
 
     Example:
         >>> label = torch.tensor([[[0, 1, 1, 2]]])
@@ -320,7 +324,7 @@ def label_probability_map(
         tensor([[0.0000, 0.2500, 0.2500, 0.5000]], dtype=torch.float64)
     """
     spatial = label.shape[1:]
-    probabilities = torch.zeros(spatial, dtype=torch.float64)
+    probabilities = torch.zeros(spatial, dtype=torch.float64, device=label.device)
     valid_label = _valid_centres(label, patch_size)
     valid_probabilities = _valid_centres(probabilities, patch_size)
     present = _present_classes(valid_label, classes, patch_size, name)

@@ -228,14 +228,3 @@ def test_built_and_run_from_a_bundle_config(tmp_path):
     config_file.write_text(json.dumps(config))
     run(run_id="run", config_file=str(config_file))
     assert json.loads((tmp_path / "shape.json").read_text()) == [1, 2, 20, 16, 12]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
-def test_patches_on_gpu_output_on_cpu():
-    network = _conv_net().eval()
-    image = torch.rand(1, 1, 20, 18, 16)
-    with torch.no_grad():
-        expected = network(image)
-        output = GridInferer(10, patch_overlap=4, sw_device="cuda", device="cpu")(image, network.cuda())
-    assert output.device.type == "cpu"
-    torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)

@@ -82,7 +82,7 @@ def shifted_affines(affine: torch.Tensor, starts: np.ndarray) -> torch.Tensor:
     affine = torch.as_tensor(affine, dtype=torch.float64)
     rank = affine.shape[-1] - 1
     used = min(starts.shape[1], rank)
-    shifts = torch.as_tensor(starts[:, :used], dtype=torch.float64) @ affine[:rank, :used].T
+    shifts = torch.as_tensor(starts[:, :used], dtype=torch.float64, device=affine.device) @ affine[:rank, :used].T
     out = affine.expand(len(starts), -1, -1).clone()
     out[:, :rank, rank] += shifts
     return out
@@ -137,7 +137,8 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
     Gathering into ``out`` rather than a second scratch tensor saved 7-10% (0.79 -> 0.71 ms for a float32
     64^3 patch, 0.44 -> 0.41 ms for uint8, cut from four 192 x 192 x 160 volumes in turn, medians of 40 rounds).
     Floating-point patches are moved as integers of the same width, bit for bit (NaN payloads included),
-    which torch copies faster.
+    which torch copies faster. Tensors on other devices than the CPU (and anything but a Fortran-ordered 3-D
+    patch) get torch's own copy.
 
     Args:
         view: any tensor.
@@ -158,7 +159,7 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
         )
     core = view.squeeze()  # the axes longer than 1, as a view
     strides = list(core.stride())
-    if core.dim() != 3 or strides != sorted(strides):  # not a Fortran-ordered 3-D patch: torch's own copy
+    if view.device.type != "cpu" or core.dim() != 3 or strides != sorted(strides):  # torch's own copy
         return out.copy_(view)
     core, words = _as_words(core), _as_words(out)
     x, y, z = core.shape
