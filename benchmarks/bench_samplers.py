@@ -6,6 +6,13 @@ median per-call time is reported with the ratio "faster reference / ours" (above
 
     python benchmarks/bench_samplers.py            # both cases, writes benchmarks/results/samplers.md
     python benchmarks/bench_samplers.py --quick    # the small case only, fewer repeats
+    python benchmarks/bench_samplers.py --keep-freed-memory   # writes benchmarks/results/samplers_keep_freed_memory.md
+
+Every call allocates its patches afresh (16 image and label crops, about 20 MB); with glibc's default settings
+those allocations are often new pages from the system, whose faults can cost more than the crops themselves on
+a machine with slow page faults. ``--keep-freed-memory`` calls :func:`monai_patchqueue.keep_freed_memory` first
+(as the patch queue's workers do), so that every implementation reuses freed memory and the table compares the
+samplers' own work.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torchio as tio
 from monai.data import MetaTensor
 from monai.transforms import RandCropByLabelClassesd, RandSpatialCropSamplesd, RandWeightedCropd
 
-from monai_patchqueue import LabelSamplerd, UniformSamplerd, WeightedSamplerd
+from monai_patchqueue import LabelSamplerd, UniformSamplerd, WeightedSamplerd, keep_freed_memory
 
 PATCH = 64
 NUM_PATCHES = 16
@@ -101,11 +108,12 @@ def time_interleaved(calls: dict[str, Callable[[], list]], repeats: int) -> dict
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def run(shapes: list[tuple[int, int, int]], repeats: int) -> str:
+def run(shapes: list[tuple[int, int, int]], repeats: int, kept_freed_memory: bool = False) -> str:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     lines = [
         f"Per-call time, {NUM_PATCHES} patches of {PATCH}^3 from an image and its label, median of {repeats} "
-        f"interleaved calls (torch {torch.__version__}, {torch.get_num_threads()} threads).",
+        f"interleaved calls (torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{', keep_freed_memory()' if kept_freed_memory else ''}).",
         "",
         "| volume | sampler | monai_patchqueue | TorchIO | MONAI | speed-up vs faster reference |",
         "|---|---|---|---|---|---|",
@@ -128,12 +136,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the small volume only, 3 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="calls per implementation (default 7, quick 3)")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="have glibc reuse freed memory for every implementation"
+    )
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     shapes = [(192, 192, 160)] if args.quick else [(192, 192, 160), (512, 512, 256)]
-    table = run(shapes, args.repeats or (3 if args.quick else 7))
+    table = run(shapes, args.repeats or (3 if args.quick else 7), args.keep_freed_memory)
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "samplers.md").write_text(table + "\n")
+    (out / f"samplers{'_keep_freed_memory' if args.keep_freed_memory else ''}.md").write_text(table + "\n")
     print("\n" + table)
 
 
