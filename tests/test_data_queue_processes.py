@@ -173,6 +173,16 @@ def test_a_failure_the_loop_saw_is_not_raised_again(nifti_subjects):
         assert len(first["id"]) == 2
 
 
+def _to_meta_device(patch: dict) -> dict:
+    return {**patch, "image": patch["image"].to("meta")}  # "meta" stands in for a GPU
+
+
+def test_patches_a_worker_put_on_another_device_raise_naming_the_subject_and_the_way_out(nifti_subjects):
+    with nifti_queue(nifti_subjects, patch_transform=_to_meta_device, num_workers=1) as queue:
+        with pytest.raises(RuntimeError, match=r"(?s)subject \d .*`image` of the patches is on meta.*num_workers=0"):
+            list(queue)
+
+
 def test_a_killed_worker_raises_instead_of_hanging(nifti_subjects):
     slow = Compose([LOAD, lambda d: (time.sleep(0.2), d)[1]])
     queue = PatchQueueDataset(nifti_subjects * 4, UniformSamplerd("image", 4, num_samples=2), 4, 2, transform=slow,

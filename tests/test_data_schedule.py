@@ -106,6 +106,17 @@ def test_patch_pack_round_trip_keeps_data_meta_and_trace():
     assert len({p["image"].untyped_storage().data_ptr() for p in unpacked}) == 1  # one shared storage
 
 
+@pytest.mark.parametrize("key", ["image", "weights"])
+def test_patch_pack_refuses_tensors_off_the_cpu_naming_the_key(key):
+    # "meta" stands in for a GPU: any device but the CPU. `weights` differs in shape between the patches, so it
+    # would travel pickled with the metadata rather than stacked: it is checked too, not moved to the CPU.
+    patches = [{"image": torch.zeros(1, 2, 2), "weights": torch.zeros(i + 1), "id": i} for i in range(3)]
+    for patch in patches:
+        patch[key] = patch[key].to("meta")
+    with pytest.raises(ValueError, match=rf"`{key}` of the patches is on meta.*num_workers=0"):
+        PatchPack(patches)
+
+
 def test_patch_pack_sends_the_header_once_and_collates_as_monai_does():
     from monai.data import list_data_collate
 

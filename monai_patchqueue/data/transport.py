@@ -150,6 +150,22 @@ def copy_in_this_thread(source: torch.Tensor, out: torch.Tensor | None = None) -
         return source.clone() if out is None else out.copy_(source)
 
 
+def _check_on_cpu(key: str, tensor: torch.Tensor) -> None:
+    """Raise a ValueError naming ``key`` if the patches' tensor is not on the CPU.
+
+    Patches cross from a worker in shared CPU memory. A CUDA tensor could cross by CUDA IPC, but it stays valid
+    only while the worker that made it lives, and the queue's workers end with the queue, while the training
+    process may still hold the patches: not a risk to take silently.
+    """
+    if tensor.device.type != "cpu":
+        raise ValueError(
+            f"`{key}` of the patches is on {tensor.device}, but the queue's worker processes can only send CPU "
+            f"tensors to the training process (a GPU tensor shared across processes is valid only while the "
+            f"worker that made it lives): move patches to the GPU in the training loop (e.g. "
+            f"batch[{key!r}].to(device)), or use num_workers=0 to run GPU transforms in the training process"
+        )
+
+
 def _with_trace(view: torch.Tensor, trace: tuple, index: int) -> MetaTensor:
     shared, own, operations = trace
     return new_metatensor(view, {**shared, **own[index]}, operations[index])
@@ -179,21 +195,21 @@ class PatchPack:
         keys = list(patches[0]) if patches else []
         same_keys = all(list(patch) == keys for patch in patches)
         stacks: dict[str, list[torch.Tensor]] = {}
-        self.tensors: dict = {}  # stacks that live elsewhere than the block (e.g. on a GPU)
         traces: dict = {}
         for key in keys if same_keys else []:
             values = [patch[key] for patch in patches]
             if _stackable(values):
                 plain = [value.as_tensor() if isinstance(value, MetaTensor) else value.detach() for value in values]
-                if plain[0].device.type == "cpu":
-                    stacks[key] = plain
-                else:
-                    self.tensors[key] = torch.stack(plain)
+                _check_on_cpu(key, plain[0])
+                stacks[key] = plain
                 if isinstance(values[0], MetaTensor):
                     shared, own = _split_shared([value.meta for value in values])
                     traces[key] = (shared, own, [value.applied_operations for value in values])
-        rest = [{key: value for key, value in patch.items() if key not in stacks and key not in self.tensors}
-                for patch in patches]  # fmt: skip
+        rest = [{key: value for key, value in patch.items() if key not in stacks} for patch in patches]
+        for entries in rest:
+            for key, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    _check_on_cpu(key, value)
         self.metadata = _dumps((keys if same_keys else None, traces, rest))  # first: it may fail, blocks would leak
         in_place = self._place(stacks, blocks, lender)
         self.copied_keys = tuple(key for key in self.layout if key not in in_place)  # the others were cut in place
@@ -252,7 +268,7 @@ class PatchPack:
             pinned = pins.pinned(self.ticket, self.block, self.nbytes)
             if pinned is not None:  # the views keep the block; its finalizer hands it back
                 source, copy_out, self.block, self.ticket = pinned, False, None, None
-        stacked = {key: block_view(source, *where) for key, where in self.layout.items()} | self.tensors
+        stacked = {key: block_view(source, *where) for key, where in self.layout.items()}
         patches = []
         for index, others in enumerate(rest):
             patch = {}
