@@ -162,6 +162,36 @@ def test_grid_inference_of_a_gpu_metatensor_matches_the_cpu_and_keeps_its_metada
     torch.testing.assert_close(gpu.as_tensor().cpu(), cpu.as_tensor(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["crop", "hann"])
+def test_grid_inference_under_autocast_keeps_half_precision_in_crop_mode_and_blends_in_float32(mode):
+    network = _conv_net()
+    image = torch.rand(1, 1, 30, 26, 22)
+    inferer = GridInferer(12, patch_overlap=4, overlap_mode=mode, padding_mode="constant", batch_size=3)
+    with torch.no_grad():
+        full_precision = inferer(image, network)
+        with torch.autocast("cuda", dtype=torch.float16):
+            half = inferer(image.cuda(), network.cuda())
+    assert half.dtype == (torch.float16 if mode == "crop" else torch.float32)
+    torch.testing.assert_close(half.float().cpu(), full_precision, rtol=1e-2, atol=1e-2)
+
+
+def test_queue_workers_with_a_gpu_transform_raise_naming_the_subject_instead_of_hanging():
+    # Under fork, CUDA cannot start in a worker of a process that has started it; otherwise the patches would
+    # reach the pack on the GPU, which refuses them: either way a clear error naming the subject.
+    torch.cuda.init()
+    data = [_subject(size=(16, 16, 16), seed=seed) | {"id": seed} for seed in range(2)]
+    queue = PatchQueueDataset(
+        data,
+        LabelSamplerd(["image", "label"], 8, "label", num_samples=2),
+        4,
+        2,
+        transform=EnsureTyped(["image", "label"], device="cuda", track_meta=True),
+        num_workers=1,
+    )
+    with queue, pytest.raises(RuntimeError, match=r"(?s)subject \d.*(CUDA|cuda)"):
+        list(queue)
+
+
 def test_the_queue_serves_gpu_patches_in_process_with_the_same_stream_as_on_the_cpu():
     data = [_subject(size=(24, 22, 20), seed=seed) | {"id": seed} for seed in range(4)]
     keys = ["image", "label"]
