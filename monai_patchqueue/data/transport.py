@@ -194,22 +194,21 @@ class PatchPack:
         self.count = len(patches)
         keys = list(patches[0]) if patches else []
         same_keys = all(list(patch) == keys for patch in patches)
+        for patch in patches:
+            for key, value in patch.items():
+                if isinstance(value, torch.Tensor):
+                    _check_on_cpu(key, value)
         stacks: dict[str, list[torch.Tensor]] = {}
         traces: dict = {}
         for key in keys if same_keys else []:
             values = [patch[key] for patch in patches]
             if _stackable(values):
                 plain = [value.as_tensor() if isinstance(value, MetaTensor) else value.detach() for value in values]
-                _check_on_cpu(key, plain[0])
                 stacks[key] = plain
                 if isinstance(values[0], MetaTensor):
                     shared, own = _split_shared([value.meta for value in values])
                     traces[key] = (shared, own, [value.applied_operations for value in values])
         rest = [{key: value for key, value in patch.items() if key not in stacks} for patch in patches]
-        for entries in rest:
-            for key, value in entries.items():
-                if isinstance(value, torch.Tensor):
-                    _check_on_cpu(key, value)
         self.metadata = _dumps((keys if same_keys else None, traces, rest))  # first: it may fail, blocks would leak
         in_place = self._place(stacks, blocks, lender)
         self.copied_keys = tuple(key for key in self.layout if key not in in_place)  # the others were cut in place
