@@ -45,6 +45,11 @@ PATCH = 96
 OVERLAP = 16
 BATCH = 4
 TOLERANCE = 2**20  # 1 MiB of measurement granularity (pages, Python objects) in the memory verdicts
+MEMORY_TABLE_HEAD = [
+    "",
+    "| network | implementation | peak extra MiB | GridInferer's allowance MiB | within it |",
+    "|---|---|---|---|---|",
+]
 
 
 def networks() -> dict[str, torch.nn.Module]:
@@ -114,9 +119,7 @@ def gpu_memory_table(image: torch.Tensor) -> list[str]:
         f"({voxels * 4 / 2**20:.1f}) + one batch of input patches ({BATCH * patch_voxels * 4 / 2**20:.1f}); "
         f"weighted modes also hold a one-patch window; outputs kept on the CPU count nothing there; verdicts allow "
         f"1 MiB of allocator granularity.",
-        "",
-        "| network | implementation | peak extra MiB | GridInferer's allowance MiB | within it |",
-        "|---|---|---|---|---|",
+        *MEMORY_TABLE_HEAD,
     ]
     for network_name, network in networks().items():
         peaks = {}
@@ -130,15 +133,24 @@ def gpu_memory_table(image: torch.Tensor) -> list[str]:
                 synchronize(image.device)
                 peaks[name] = torch.cuda.max_memory_allocated(image.device) - before
             del result
-        allowance = peaks["network on the patches alone (floor)"] + (4 * voxels + BATCH * patch_voxels) * 4
-        for name, peak in peaks.items():
-            limit = allowance + (patch_voxels * 4 if "hann" in name else 0)
-            verdict = ("yes" if peak <= limit + TOLERANCE else "**no**") if name.startswith("GridInferer") else ""
-            limit_text = f"{limit / 2**20:.1f}" if verdict else ""
-            row = f"| {network_name} | {name} | {peak / 2**20:.1f} | {limit_text} | {verdict} |"
-            print(row, flush=True)
-            lines.append(row)
+        lines += memory_rows(network_name, peaks)
     return lines
+
+
+def memory_rows(network_name: str, peaks: dict[str, int]) -> list[str]:
+    """Print and return one network's memory rows, each GridInferer peak against its allowance: the floor's peak
+    plus the output, a one-channel weight buffer and one batch of input patches, and a one-patch blending window
+    in the weighted modes; the verdicts allow ``TOLERANCE`` of measurement granularity."""
+    voxels, patch_voxels = SHAPE[0] * SHAPE[1] * SHAPE[2], PATCH**3
+    allowance = peaks["network on the patches alone (floor)"] + (4 * voxels + BATCH * patch_voxels) * 4
+    rows = []
+    for name, peak in peaks.items():
+        limit = allowance + (patch_voxels * 4 if "hann" in name else 0)
+        verdict = ("yes" if peak <= limit + TOLERANCE else "**no**") if name.startswith("GridInferer") else ""
+        limit_text = f"{limit / 2**20:.1f}" if verdict else ""
+        rows.append(f"| {network_name} | {name} | {peak / 2**20:.1f} | {limit_text} | {verdict} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def _status_kib(field: str) -> int:
@@ -174,9 +186,7 @@ def memory_table() -> list[str]:
         f"+ output ({3 * voxels * 4 / 2**20:.1f}) + one-channel weights ({voxels * 4 / 2**20:.1f}) + one batch of "
         f"input patches ({BATCH * patch_voxels * 4 / 2**20:.1f}); weighted modes also hold a one-patch blending window "
         f"({patch_voxels * 4 / 2**20:.1f}); verdicts allow 1 MiB of measurement granularity.",
-        "",
-        "| network | implementation | peak extra MiB | GridInferer's allowance MiB | within it |",
-        "|---|---|---|---|---|",
+        *MEMORY_TABLE_HEAD,
     ]
     names = list(implementations(torch.zeros(1, 1, *SHAPE), torch.nn.Identity()))
     for network_name in networks():
@@ -184,17 +194,7 @@ def memory_table() -> list[str]:
         for name in names:
             with context.Pool(1) as pool:
                 peaks[name] = pool.apply(peak_extra_bytes, (network_name, name))
-        allowance = peaks["network on the patches alone (floor)"] + (4 * voxels + BATCH * patch_voxels) * 4
-        for name, peak in peaks.items():
-            if name.startswith("GridInferer"):
-                limit = allowance + (0 if name.endswith("crop") else patch_voxels * 4)  # + the one-patch window
-                verdict = "yes" if peak <= limit + TOLERANCE else "**no**"
-                limit_text = f"{limit / 2**20:.1f}"
-            else:
-                verdict = limit_text = ""
-            row = f"| {network_name} | {name} | {peak / 2**20:.1f} | {limit_text} | {verdict} |"
-            print(row, flush=True)
-            lines.append(row)
+        lines += memory_rows(network_name, peaks)
     return lines
 
 
