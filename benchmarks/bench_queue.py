@@ -7,7 +7,8 @@ and is closed; the contenders take turns, round after round. The load-bound ceil
 (time to load one subject in this process), measured in the same run twice: with MONAI's LoadImaged (ITK for
 .nii.gz, nibabel for .nii), as TorchIO and MONAI load, and with the package's LoadMappedNiftid. Each is also
 timed as the queue's workers load: in a forked process prepared as they are (``start_worker``: glibc keeps
-freed memory for reuse), where loading is faster than in this process, so that ceiling is the strict one.
+freed memory for reuse), in case that loads faster than this process (on 2026-12-04 the two agreed within
+noise).
 
 monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decompressed by ITK, no C-ordered
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
