@@ -213,6 +213,38 @@ def test_the_stream_is_identical_for_0_1_and_2_workers():
     assert streams[0] == streams[1] == streams[2]
 
 
+def _with_header(data: list[dict]) -> list[dict]:
+    for entry in data:
+        for key in ("image", "label"):
+            entry[key].meta["pixdim"] = np.array([1.0, 1.5, 2.0])
+    return data
+
+
+def _double_pixdim_in_place(patch: dict) -> dict:
+    patch["image"].meta["pixdim"] *= 2  # in place, as some transforms update metadata
+    return patch
+
+
+def _pixdims(queue: PatchQueueDataset) -> list[tuple]:
+    return [
+        (tuple(batch["location"][i].tolist()), tuple(batch["image"].meta["pixdim"][i].tolist()))
+        for batch in DataLoader(queue, batch_size=4)
+        for i in range(len(batch["location"]))
+    ]
+
+
+def test_workers_serve_each_patch_its_own_header_values_with_or_without_a_patch_transform():
+    # without a patch_transform the workers let a subject's patches share one copy of its header; a
+    # patch_transform that changes one patch's header in place must change that patch's alone
+    for patch_transform, pixdim in ((None, (1.0, 1.5, 2.0)), (_double_pixdim_in_place, (2.0, 3.0, 4.0))):
+        served = []
+        for num_workers in (0, 2):
+            with queue_of(_with_header(subjects()), num_workers=num_workers, patch_transform=patch_transform) as queue:
+                served.append(_pixdims(queue))
+        assert served[0] == served[1] and len(served[0]) == 24
+        assert {values for _, values in served[0]} == {pixdim}
+
+
 class _SlowSubject:
     """A transform that takes ``seconds`` for subject ``slow`` (longer than the unpacking thread's poll)."""
 

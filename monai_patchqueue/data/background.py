@@ -131,7 +131,7 @@ class _PackedWork(torch.utils.data.Dataset):
     def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, PatchPack]:
         lender = self._lender()
         try:
-            task, patches = self.work.prepare(task, lender)
+            task, patches = self.work.prepare(task, lender, packed=True)
             pack = PatchPack(patches, self._take_block, lender)
         except BaseException:
             if lender is not None:

@@ -88,7 +88,9 @@ class PatchQueueDataset(IterableDataset):
     copies (:mod:`~monai_patchqueue.data.block_pins`); the block goes back to its worker once every view of it
     is gone, typically once its patches are collated. A patch kept past its step keeps its subject's block (the
     queue pins a few blocks per worker at most and copies patches out beyond that); ``.clone()`` it to keep it
-    on its own.
+    on its own. The metadata values a subject's patches hold in common (the file header) cross once per subject
+    and are then shared by those patches' meta dicts: read them, or replace them (``meta[key] = ...``), rather
+    than changing them in place. (``patch_transform`` runs in the worker on each patch's own copy.)
 
     Args:
         data: subject dicts: a MONAI datalist or a map-style dataset returning dicts (e.g. ``CacheDataset``).

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .._checks import check_positive_int
-from ..transforms.patch_memory import PatchMemoryLender, patches_written_to
+from ..transforms.patch_memory import PatchMemoryLender, patch_metadata_shared, patches_written_to
 from .schedule import SubjectTask
 
 __all__ = [
@@ -169,18 +169,23 @@ class SubjectPatches(torch.utils.data.Dataset):
     def __getitem__(self, task: SubjectTask) -> tuple[SubjectTask, list[dict]]:
         return self.prepare(task)
 
-    def prepare(self, task: SubjectTask, lender: PatchMemoryLender | None = None) -> tuple[SubjectTask, list[dict]]:
+    def prepare(
+        self, task: SubjectTask, lender: PatchMemoryLender | None = None, packed: bool = False
+    ) -> tuple[SubjectTask, list[dict]]:
         """Return ``(task, patches)``; with a ``lender``, the samplers cut the patches into its memory (see
-        :mod:`monai_patchqueue.transforms.patch_memory`)."""
+        :mod:`monai_patchqueue.transforms.patch_memory`). ``packed`` says that the caller packs the patches at
+        once (:class:`~.transport.PatchPack`), which shares the values they hold in common: without a
+        ``patch_transform``, which might change a patch's metadata in place, the samplers then give the patches
+        one copy of the subject's metadata values instead of one each."""
         try:
-            return task, self._patches(task, lender)
+            return task, self._patches(task, lender, packed)
         except Exception as error:
             cause = f"{type(error).__name__}: {error}"
             raise SubjectError(
                 f"PatchQueueDataset could not prepare {describe_subject(self.data, task.subject)}: {cause}"
             ) from error
 
-    def _patches(self, task: SubjectTask, lender: PatchMemoryLender | None) -> list[dict]:
+    def _patches(self, task: SubjectTask, lender: PatchMemoryLender | None, packed: bool) -> list[dict]:
         transform_seed, sampler_seed, patch_seed = np.random.SeedSequence(task.seed).generate_state(3)
         subject = self.data[task.subject]
         if self.transform is not None:
@@ -192,7 +197,7 @@ class SubjectPatches(torch.utils.data.Dataset):
                 "put patch samplers in `sampler`, not in `transform`"
             )
         _seed(self.sampler, int(sampler_seed))
-        with patches_written_to(lender):
+        with patches_written_to(lender), patch_metadata_shared(packed and self.patch_transform is None):
             patches = [self._only_patches(patch, subject, lender) for patch in self._sample(subject, task.count)]
         if self.patch_transform is not None:
             _seed(self.patch_transform, int(patch_seed))

@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.data.meta_obj import get_track_meta
 from monai.utils import MetaKeys, SpaceKeys, TraceKeys
 
-from .patch_memory import new_patch_tensors
+from .patch_memory import new_patch_tensors, patch_metadata_is_shared
 
 __all__ = [
     "LOCATION",
@@ -199,6 +199,8 @@ def crop_patches(
     meta with the affine shifted to the patch (:func:`shifted_affine`), ``meta["location"]`` (int64, starts
     then ends), and ``img``'s applied operations followed by ``trace`` (when given) completed with the original
     size and the location, so that the patch can be put back by :func:`restore_patch`.
+    Each patch's metadata arrays are its own copies, or one copy shared by this call's patches inside
+    :func:`.patch_memory.patch_metadata_shared`.
 
     Args:
         img: ``(C, *spatial)`` MetaTensor, tensor or array.
@@ -225,9 +227,10 @@ def crop_patches(
     half = locations.shape[1] // 2
     affines = shifted_affines(affine, locations[:, :half])
     original_size = tuple(int(s) for s in data.shape[1:])
+    shared_meta = _meta_copy(meta) if patch_metadata_is_shared() else None
     patches = []
     for crop, location, patch_affine in zip(crops, locations, affines):
-        patch_meta = _meta_copy(meta)
+        patch_meta = _meta_copy(meta) if shared_meta is None else dict(shared_meta)
         patch_meta[MetaKeys.AFFINE] = patch_affine.clone()  # its own storage, not a view of the batch
         patch_meta[LOCATION] = torch.as_tensor(location, dtype=torch.int64)
         patch_operations = copy.deepcopy(operations) if operations else []
