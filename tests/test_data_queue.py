@@ -236,10 +236,18 @@ def _pixdims(queue: PatchQueueDataset) -> list[tuple]:
 def test_workers_serve_each_patch_its_own_header_values_with_or_without_a_patch_transform():
     # without a patch_transform the workers let a subject's patches share one copy of its header; a
     # patch_transform that changes one patch's header in place must change that patch's alone
-    for patch_transform, pixdim in ((None, (1.0, 1.5, 2.0)), (_double_pixdim_in_place, (2.0, 3.0, 4.0))):
+    # (or a transform that follows the sampler in a Compose)
+    sampler = UniformSamplerd(["image", "label"], 4, num_samples=3)
+    cases = [
+        (sampler, None, (1.0, 1.5, 2.0)),
+        (sampler, _double_pixdim_in_place, (2.0, 3.0, 4.0)),
+        (Compose([sampler, _double_pixdim_in_place]), None, (2.0, 3.0, 4.0)),
+    ]
+    for sampler, patch_transform, pixdim in cases:
         served = []
         for num_workers in (0, 2):
-            with queue_of(_with_header(subjects()), num_workers=num_workers, patch_transform=patch_transform) as queue:
+            kwargs = {"num_workers": num_workers, "patch_transform": patch_transform, "sampler": sampler}
+            with queue_of(_with_header(subjects()), **kwargs) as queue:
                 served.append(_pixdims(queue))
         assert served[0] == served[1] and len(served[0]) == 24
         assert {values for _, values in served[0]} == {pixdim}

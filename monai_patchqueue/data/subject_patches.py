@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .._checks import check_positive_int
+from ..transforms.dictionary import is_patch_sampler
 from ..transforms.patch_memory import PatchMemoryLender, patch_metadata_shared, patches_written_to
 from .schedule import SubjectTask
 
@@ -174,9 +175,10 @@ class SubjectPatches(torch.utils.data.Dataset):
     ) -> tuple[SubjectTask, list[dict]]:
         """Return ``(task, patches)``; with a ``lender``, the samplers cut the patches into its memory (see
         :mod:`monai_patchqueue.transforms.patch_memory`). ``packed`` says that the caller packs the patches at
-        once (:class:`~.transport.PatchPack`), which shares the values they hold in common: without a
-        ``patch_transform``, which might change a patch's metadata in place, the samplers then give the patches
-        one copy of the subject's metadata values instead of one each."""
+        once (:class:`~.transport.PatchPack`), which shares the values they hold in common: when the sampler is
+        one of the package's own and no ``patch_transform`` runs (either could change a patch's metadata in
+        place), the sampler then gives the patches one copy of the subject's metadata values instead of one
+        each."""
         try:
             return task, self._patches(task, lender, packed)
         except Exception as error:
@@ -197,7 +199,8 @@ class SubjectPatches(torch.utils.data.Dataset):
                 "put patch samplers in `sampler`, not in `transform`"
             )
         _seed(self.sampler, int(sampler_seed))
-        with patches_written_to(lender), patch_metadata_shared(packed and self.patch_transform is None):
+        share = packed and self.patch_transform is None and is_patch_sampler(self.sampler)
+        with patches_written_to(lender), patch_metadata_shared(share):
             patches = [self._only_patches(patch, subject, lender) for patch in self._sample(subject, task.count)]
         if self.patch_transform is not None:
             _seed(self.patch_transform, int(patch_seed))

@@ -72,6 +72,18 @@ class _RandomPatchSamplerd(Randomizable, _PatchSamplerd):
         raise NotImplementedError
 
 
+def is_patch_sampler(transform: object) -> bool:
+    """Whether ``transform`` is one of this module's samplers, which return their patches as they cut them (no
+    other transform runs on them in between, as one could after a sampler inside a ``Compose``).
+
+    Example:
+        >>> from monai.transforms import Compose
+        >>> is_patch_sampler(UniformSamplerd("image", 4)), is_patch_sampler(Compose([UniformSamplerd("image", 4)]))
+        (True, False)
+    """
+    return isinstance(transform, _PatchSamplerd)
+
+
 def _required_entry(data: Mapping, key: Hashable, argument: str) -> torch.Tensor:
     if key not in data:
         raise KeyError(f"`{argument}` {key!r} is not in the data; available keys: {list(data)}")
