@@ -13,8 +13,8 @@ tensor of ``dtype`` on the CPU or None when it has no room (the patches then get
 Each patch also gets its own copy of the source's metadata arrays (a NIfTI header holds some 40), so that
 patches never share mutable state. Code that packs a call's patches at once, and reads their metadata without
 changing it, can have them share one copy instead with :func:`patch_metadata_shared`: the patch queue's workers
-do when no ``patch_transform`` runs between sampling and packing, which sends values the patches share once per
-subject anyway.
+do when their sampler is one of the package's and no ``patch_transform`` runs between sampling and packing,
+which sends values the patches share once per subject anyway.
 """
 
 from __future__ import annotations
