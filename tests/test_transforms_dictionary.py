@@ -9,6 +9,7 @@ from monai.data import DataLoader, Dataset, MetaTensor, list_data_collate
 from monai.transforms import Compose, Invertd, Lambdad, ScaleIntensityd, SpatialPadd
 
 from monai_patchqueue import GridSamplerd, LabelSamplerd, UniformSamplerd, WeightedSamplerd
+from monai_patchqueue.transforms.dictionary import is_patch_sampler
 
 KEYS = ["image", "label"]
 
@@ -187,3 +188,13 @@ def test_dictionary_errors_name_keys_and_values(volume):
         WeightedSamplerd("image", 4, probability_key="w")({**volume, "w": -torch.ones(1, 20, 18, 16)})
     with pytest.raises(ValueError, match=r"label_key 'label'.*no positive value.*pad"):
         LabelSamplerd("image", 4, label_key="label")({**volume, "label": torch.zeros(1, 20, 18, 16)})
+
+
+def test_only_the_packages_own_samplers_count_as_patch_samplers():
+    class Subclassed(UniformSamplerd):
+        pass
+
+    own = [UniformSamplerd("image", 2), WeightedSamplerd("image", 2, "w"), LabelSamplerd("image", 2, "l")]
+    own.append(GridSamplerd("image", 2))
+    assert all(is_patch_sampler(sampler) for sampler in own)
+    assert not any(is_patch_sampler(other) for other in (Subclassed("image", 2), Compose(own[:1]), lambda d: [d]))

@@ -72,18 +72,6 @@ class _RandomPatchSamplerd(Randomizable, _PatchSamplerd):
         raise NotImplementedError
 
 
-def is_patch_sampler(transform: object) -> bool:
-    """Whether ``transform`` is one of this module's samplers, which return their patches as they cut them (no
-    other transform runs on them in between, as one could after a sampler inside a ``Compose``).
-
-    Example:
-        >>> from monai.transforms import Compose
-        >>> is_patch_sampler(UniformSamplerd("image", 4)), is_patch_sampler(Compose([UniformSamplerd("image", 4)]))
-        (True, False)
-    """
-    return isinstance(transform, _PatchSamplerd)
-
-
 def _required_entry(data: Mapping, key: Hashable, argument: str) -> torch.Tensor:
     if key not in data:
         raise KeyError(f"`{argument}` {key!r} is not in the data; available keys: {list(data)}")
@@ -255,3 +243,16 @@ class GridSamplerd(_PatchSamplerd):
         keys, spatial_shape = self._keys_and_shape(d)
         self.sampler.locations = self.sampler.grid(spatial_shape, where=f"key {keys[0]!r}")
         return self._patch_dicts(d, keys, lambda img: self.sampler.crop(self.sampler.pad(img), self.sampler.locations))
+
+
+def is_patch_sampler(transform: object) -> bool:
+    """Whether ``transform`` is one of this module's samplers (not a subclass), which return their patches as
+    they cut them: no other code runs on them in between, as a transform after a sampler in a ``Compose`` or an
+    overriding ``__call__`` could.
+
+    Example:
+        >>> from monai.transforms import Compose
+        >>> is_patch_sampler(UniformSamplerd("image", 4)), is_patch_sampler(Compose([UniformSamplerd("image", 4)]))
+        (True, False)
+    """
+    return type(transform) in (UniformSamplerd, WeightedSamplerd, LabelSamplerd, GridSamplerd)
