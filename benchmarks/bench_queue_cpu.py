@@ -1,14 +1,15 @@
 """CPU time per patch of PatchQueueDataset, split between the training process and the queue's workers.
 
-Same data and settings as ``bench_queue.py`` (it reuses that module's subjects and queue), one format and
-sampler per run. The training process is fresh: nothing large was allocated in it before the workers start, as
-in a training script that builds its queue first. With ``--default-worker-allocator`` the workers keep glibc's
-defaults instead of :func:`monai_patchqueue.keep_freed_memory`, to measure what that does (and with
-``--no-worker-gc-freeze`` their garbage collections walk every object inherited from this process); with
-``--keep-freed-memory`` the training process calls it too (as a training script may), which spares the
-collation of every batch from faulting in fresh pages. With ``--no-track-meta`` MONAI's metadata tracking is off
-(``set_track_meta(False)``, inherited by the forked workers): patches and batches are plain tensors, to measure
-what the per-patch MetaTensors cost.
+Same data and settings as ``bench_queue.py`` (it reuses that module's subjects and queue), one format and sampler
+per run. After the run it times loading alone (CPU per subject, in a process forked as the workers start) and prints
+what the queue spends per patch beyond loading. The training process is fresh: nothing large was allocated in it
+before the workers start, as in a training script that builds its queue first. With ``--default-worker-allocator``
+the workers keep glibc's defaults instead of :func:`monai_patchqueue.keep_freed_memory`, to measure what that does
+(and with ``--no-worker-gc-freeze`` their garbage collections walk every object inherited from this process); with
+``--keep-freed-memory`` the training process calls it too (as a training script may), which spares the collation of
+every batch from faulting in fresh pages. With ``--no-track-meta`` MONAI's metadata tracking is off
+(``set_track_meta(False)``, inherited by the forked workers): patches and batches are plain tensors, to measure what
+the per-patch MetaTensors cost.
 
     python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
         [--default-worker-allocator] [--no-worker-gc-freeze] [--keep-freed-memory] [--no-track-meta]
@@ -98,10 +99,8 @@ def main() -> None:
     if args.no_track_meta:
         set_track_meta(False)  # before the queue forks its workers, which inherit it
     datalist = bench_queue.make_subjects(args.data, args.format)
-    if args.loadimaged:
-        contender = bench_queue.ours(datalist, args.sampler, bench_queue.loader_for(args.format), args.our_batches)
-    else:
-        contender = bench_queue.ours_with_our_loader(datalist, args.sampler, None, args.our_batches, not args.no_header)
+    load = bench_queue.loader_for(args.format) if args.loadimaged else bench_queue.mapped_loader(not args.no_header)
+    contender = bench_queue.ours(datalist, args.sampler, load, args.our_batches)
     step_s = args.step_ms / 1e3
     bench_queue.consume(contender.loader, step_s)  # warm-up epoch: workers started, files in the page cache
     wall, training, workers, patches = time.perf_counter(), time.process_time(), children_cpu_seconds(), 0
@@ -132,6 +131,14 @@ def main() -> None:
     print(
         f"training process per patch: {split or 'no queue threads'}, {rest / patches * 1e3:.2f} ms the rest "
         "(the loop and the loader's threads: collation)"
+    )
+    loading = bench_queue.load_seconds_as_workers(datalist, load, clock=time.process_time)
+    loading_per_patch = loading / bench_queue.SAMPLES_PER_VOLUME
+    print(
+        f"loading alone, as a worker loads (after the run): {loading * 1e3:.1f} ms of CPU per subject, "
+        f"{loading_per_patch * 1e3:.2f} ms per patch; the queue's CPU per patch beyond loading: "
+        f"{((training + workers) / patches - loading_per_patch) * 1e3:.2f} ms "
+        f"({(workers / patches - loading_per_patch) * 1e3:.2f} ms in the workers)"
     )
 
 
