@@ -45,6 +45,7 @@ PATCH = 96
 OVERLAP = 16
 BATCH = 4
 TOLERANCE = 2**20  # 1 MiB of measurement granularity (pages, Python objects) in the memory verdicts
+VOXELS, PATCH_VOXELS = SHAPE[0] * SHAPE[1] * SHAPE[2], PATCH**3
 MEMORY_TABLE_HEAD = [
     "",
     "| network | implementation | peak extra MiB | GridInferer's allowance MiB | within it |",
@@ -111,14 +112,11 @@ def synchronize(device: torch.device) -> None:
 
 def gpu_memory_table(image: torch.Tensor) -> list[str]:
     """Peak GPU memory of one call above what was allocated before it, per network and implementation."""
-    voxels, patch_voxels = SHAPE[0] * SHAPE[1] * SHAPE[2], PATCH**3
     lines = [
         "",
-        f"Peak extra GPU memory (MiB) of one call after a warm-up (torch.cuda.max_memory_allocated); allowance for "
-        f"GridInferer: the floor's peak + output ({3 * voxels * 4 / 2**20:.1f}) + one-channel weights "
-        f"({voxels * 4 / 2**20:.1f}) + one batch of input patches ({BATCH * patch_voxels * 4 / 2**20:.1f}); "
-        f"weighted modes also hold a one-patch window; outputs kept on the CPU count nothing there; verdicts allow "
-        f"1 MiB of allocator granularity.",
+        f"Peak extra GPU memory (MiB) of one call after a warm-up (torch.cuda.max_memory_allocated); "
+        f"{allowance_text()}; outputs kept on the CPU count nothing there; verdicts allow 1 MiB of allocator "
+        "granularity.",
         *MEMORY_TABLE_HEAD,
     ]
     for network_name, network in networks().items():
@@ -137,15 +135,23 @@ def gpu_memory_table(image: torch.Tensor) -> list[str]:
     return lines
 
 
+def allowance_text() -> str:
+    """GridInferer's memory allowance (what :func:`memory_rows` checks) in words, with its parts in MiB."""
+    return (
+        f"allowance for GridInferer: the floor's peak + output ({3 * VOXELS * 4 / 2**20:.1f}) + one-channel weights "
+        f"({VOXELS * 4 / 2**20:.1f}) + one batch of input patches ({BATCH * PATCH_VOXELS * 4 / 2**20:.1f}); "
+        f"weighted modes also hold a one-patch blending window ({PATCH_VOXELS * 4 / 2**20:.1f})"
+    )
+
+
 def memory_rows(network_name: str, peaks: dict[str, int]) -> list[str]:
     """Print and return one network's memory rows, each GridInferer peak against its allowance: the floor's peak
     plus the output, a one-channel weight buffer and one batch of input patches, and a one-patch blending window
     in the weighted modes; the verdicts allow ``TOLERANCE`` of measurement granularity."""
-    voxels, patch_voxels = SHAPE[0] * SHAPE[1] * SHAPE[2], PATCH**3
-    allowance = peaks["network on the patches alone (floor)"] + (4 * voxels + BATCH * patch_voxels) * 4
+    allowance = peaks["network on the patches alone (floor)"] + (4 * VOXELS + BATCH * PATCH_VOXELS) * 4
     rows = []
     for name, peak in peaks.items():
-        limit = allowance + (patch_voxels * 4 if "hann" in name else 0)
+        limit = allowance + (PATCH_VOXELS * 4 if "hann" in name else 0)
         verdict = ("yes" if peak <= limit + TOLERANCE else "**no**") if name.startswith("GridInferer") else ""
         limit_text = f"{limit / 2**20:.1f}" if verdict else ""
         rows.append(f"| {network_name} | {name} | {peak / 2**20:.1f} | {limit_text} | {verdict} |")
@@ -179,13 +185,10 @@ def memory_table() -> list[str]:
     """Peak extra memory per implementation, each in a fresh process, against GridInferer's allowance."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the spawned processes' glibc at start-up
     context = multiprocessing.get_context("spawn")
-    voxels, patch_voxels = SHAPE[0] * SHAPE[1] * SHAPE[2], PATCH**3
     lines = [
         "",
-        f"Peak extra memory (MiB) of one call, fresh process per call; allowance for GridInferer: the floor's peak "
-        f"+ output ({3 * voxels * 4 / 2**20:.1f}) + one-channel weights ({voxels * 4 / 2**20:.1f}) + one batch of "
-        f"input patches ({BATCH * patch_voxels * 4 / 2**20:.1f}); weighted modes also hold a one-patch blending window "
-        f"({patch_voxels * 4 / 2**20:.1f}); verdicts allow 1 MiB of measurement granularity.",
+        f"Peak extra memory (MiB) of one call, fresh process per call; {allowance_text()}; verdicts allow 1 MiB of "
+        "measurement granularity.",
         *MEMORY_TABLE_HEAD,
     ]
     names = list(implementations(torch.zeros(1, 1, *SHAPE), torch.nn.Identity()))
