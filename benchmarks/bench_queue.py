@@ -102,6 +102,12 @@ def mapped_loader(keep_header: bool = True) -> Compose:
 def ours_with_our_loader(
     datalist: list[dict], sampler: str, load: Compose, batches: str = "thread", keep_header: bool = True
 ) -> Iterable:
+    """Our queue loading through our own mapped loader.
+
+    ``load`` is ignored on purpose: it is taken only so that this contender has the
+    same signature as the others, and the subjects are read by
+    ``mapped_loader(keep_header)`` instead of MONAI's ``LoadImaged``.
+    """
     return ours(datalist, sampler, mapped_loader(keep_header), batches)
 
 
