@@ -111,6 +111,25 @@ def test_a_fortran_ordered_float_patch_keeps_every_bit(dtype, words):
     assert torch.equal(copy.view(words), view.contiguous().view(words))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_a_channels_last_file_patch_is_copied_channel_by_channel_through_the_transposing_path(monkeypatch, dtype):
+    """A 4-D NIfTI volume (x, y, z, c) in file order, its channel axis moved first, as LoadMappedNifti gives it."""
+    from monai_patchqueue.transforms import functional
+
+    blocks = []
+    transposing = functional._copy_fortran_block
+    monkeypatch.setattr(functional, "_copy_fortran_block", lambda *args: blocks.append(1) or transposing(*args))
+    file_order = (torch.arange(3 * 9 * 10 * 11) % 253).to(dtype).reshape(3, 11, 10, 9).permute(3, 2, 1, 0)
+    view = file_order.movedim(3, 0)[:, 1:8, 2:9, 0:10]  # (3, 7, 7, 10), channel stride the largest
+    out = torch.full(view.shape, 7, dtype=dtype)
+    assert contiguous_copy(view, out) is out and torch.equal(out, view.clone(memory_format=torch.contiguous_format))
+    assert len(blocks) == 3  # one per channel
+    voxels_of_channels = (torch.arange(9 * 10 * 11 * 3) % 253).to(dtype).reshape(11, 10, 9, 3).permute(2, 1, 0, 3)
+    interleaved = voxels_of_channels.movedim(3, 0)  # channel stride 1, spatial axes in file order: torch's copy
+    assert interleaved.stride()[0] == 1 and torch.equal(contiguous_copy(interleaved), interleaved.contiguous())
+    assert len(blocks) == 3
+
+
 def test_a_fortran_ordered_byte_patch_of_unequal_sides_copies_exactly():
     labels = (torch.arange(40 * 30 * 24) % 251).to(torch.uint8).reshape(24, 30, 40).permute(2, 1, 0)[None]
     view = labels[:, 3:35, 2:20, 0:16]

@@ -6,6 +6,7 @@ These are the functional layer under the array samplers: no randomness, no keys.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -137,8 +138,13 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
     Gathering into ``out`` rather than a second scratch tensor saved 7-10% (0.79 -> 0.71 ms for a float32
     64^3 patch, 0.44 -> 0.41 ms for uint8, cut from four 192 x 192 x 160 volumes in turn, medians of 40 rounds).
     Floating-point patches are moved as integers of the same width, bit for bit (NaN payloads included),
-    which torch copies faster. Tensors on other devices than the CPU (and anything but a Fortran-ordered 3-D
-    patch) get torch's own copy.
+    which torch copies faster. A patch with more channels (from a 4-D NIfTI file, channels last, whose channel
+    axis was moved first) is copied one channel at a time, each as above, where torch's own copy of the whole
+    patch goes element by element: ``UniformSampler`` cut float32 ``(4, 64, 64, 64)`` patches from a
+    192 x 192 x 160 x 4 ``.nii`` loaded by :class:`~monai_patchqueue.LoadMappedNifti` in 1.6-1.7 instead of
+    3.6 ms each (the three passes over all channels at once were slower than one channel at a time, their
+    scratch tensor no longer in cache). Tensors on other devices than the CPU, and any other layout, get
+    torch's own copy.
 
     Args:
         view: any tensor.
@@ -149,6 +155,9 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
         >>> copy = contiguous_copy(fortran)
         >>> copy.is_contiguous(), torch.equal(copy, fortran)
         (True, True)
+        >>> channels_last = torch.arange(48.0).reshape(4, 3, 2, 2).permute(2, 1, 0, 3)  # (x, y, z, c) file order
+        >>> torch.equal(contiguous_copy(channels_last.movedim(3, 0)), channels_last.movedim(3, 0))
+        True
     """
     if out is None:
         out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
@@ -158,16 +167,35 @@ def contiguous_copy(view: torch.Tensor, out: torch.Tensor | None = None) -> torc
             f"{'' if out.is_contiguous() else 'non-contiguous '}{out.dtype} tensor of shape {tuple(out.shape)}"
         )
     core = view.squeeze()  # the axes longer than 1, as a view
-    strides = list(core.stride())
-    if view.device.type != "cpu" or core.dim() != 3 or strides != sorted(strides):  # torch's own copy
+    if view.device.type != "cpu" or not _fortran_blocks(core.stride()):  # torch's own copy
         return out.copy_(view)
     core, words = _as_words(core), _as_words(out)
-    x, y, z = core.shape
-    runs_along_x = words.view(y, z, x)  # out's memory holds the first pass: one scratch tensor instead of two
-    runs_along_x.copy_(core.permute(1, 2, 0))
-    runs_along_z = runs_along_x.transpose(1, 2).contiguous()  # (y, x, z)
-    words.view(x, y, z).copy_(runs_along_z.transpose(0, 1))
+    if core.dim() == 3:
+        _copy_fortran_block(core, words)
+        return out
+    words = words.view(core.shape)
+    for channel in itertools.product(*map(range, core.shape[:-3])):
+        _copy_fortran_block(core[channel], words[channel])
     return out
+
+
+def _fortran_blocks(strides: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``strides`` is Fortran-ordered 3-D blocks: its last three axes' strides ascend, and
+    any axes before them (channels) step over whole blocks."""
+    if len(strides) < 3:
+        return False
+    x, y, z = strides[-3:]
+    return x <= y <= z and all(stride >= z for stride in strides[:-3])
+
+
+def _copy_fortran_block(block: torch.Tensor, out: torch.Tensor) -> None:
+    """Copy a Fortran-ordered 3-D ``block`` into the C-contiguous ``out`` (of as many elements) in the three
+    passes of :func:`contiguous_copy`."""
+    x, y, z = block.shape
+    runs_along_x = out.view(y, z, x)  # out's memory holds the first pass: one scratch tensor instead of two
+    runs_along_x.copy_(block.permute(1, 2, 0))
+    runs_along_z = runs_along_x.transpose(1, 2).contiguous()  # (y, x, z)
+    out.view(x, y, z).copy_(runs_along_z.transpose(0, 1))
 
 
 _WORDS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
