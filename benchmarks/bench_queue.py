@@ -14,12 +14,13 @@ monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decomp
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
 
     python benchmarks/bench_queue.py [--repeats 3] [--step-ms 0] [--formats .nii] [--samplers uniform]
-        [--torch-threads 1] [--our-batches thread|torch] [--keep-freed-memory] [--no-header]
+        [--torch-threads 1] [--our-batches thread|torch] [--keep-freed-memory] [--no-header] [--channels 1]
     # writes benchmarks/results/queue*.md; a subset of formats or samplers, or other threads, batches or
     # allocator settings, writes its own file
 
 With ``--step-ms 50`` the consumer sleeps 50 ms per batch (a simulated training step) and the table reports the
-fraction of the epoch's wall time the consumer spent waiting for data after its first batch.
+fraction of the epoch's wall time the consumer spent waiting for data after its first batch. With
+``--channels 4`` the images are 4-channel 4-D files (channels last, as NIfTI stores them), the labels as before.
 """
 
 from __future__ import annotations
@@ -61,8 +62,15 @@ WITH_LOADIMAGED = "monai_patchqueue with LoadImaged"
 RESULTS = Path(__file__).parent / "results"
 
 
-def make_subjects(folder: Path, suffix: str) -> list[dict]:
-    """Write (once) and return the datalist of smooth synthetic images with 3-class labels."""
+def make_subjects(folder: Path, suffix: str, channels: int = 1) -> list[dict]:
+    """Write (once) and return the datalist of smooth synthetic images with 3-class labels.
+
+    With ``channels`` above 1 the images are 4-D files of that many channels (last, as NIfTI stores them, e.g.
+    the Medical Segmentation Decathlon's multi-modal MRI), written to ``folder`` with a ``_{channels}ch``
+    suffix; the label stays one 3-D volume.
+    """
+    if channels > 1:
+        folder = folder.with_name(f"{folder.name}_{channels}ch")
     folder.mkdir(parents=True, exist_ok=True)
     datalist = []
     for index in range(SUBJECTS):
@@ -72,6 +80,9 @@ def make_subjects(folder: Path, suffix: str) -> list[dict]:
             coarse = torch.rand(1, 1, 12, 12, 10, generator=generator)
             smooth = interpolate(coarse, size=SHAPE, mode="trilinear", align_corners=False)[0, 0]
             image = smooth + 0.05 * torch.randn(SHAPE, generator=generator)
+            if channels > 1:  # each channel the same anatomy, with its own contrast and noise
+                contrasts = torch.linspace(1.0, 2.0, channels)
+                image = smooth[..., None] * contrasts + 0.05 * torch.randn((*SHAPE, channels), generator=generator)
             label = torch.bucketize(smooth, torch.tensor([0.4, 0.6])).to(torch.uint8)
             affine = np.diag([1.0, 1.0, 1.2, 1.0])
             nib.save(nib.Nifti1Image(image.numpy().astype(np.float32), affine), image_path)
@@ -222,6 +233,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS))
     parser.add_argument(
+        "--channels", type=int, default=1, help="image channels: above 1, 4-D images (channels last in the file)"
+    )
+    parser.add_argument(
         "--torch-threads", type=int, default=1, help="torch's intra-op threads in this (the training) process"
     )
     parser.add_argument(
@@ -254,7 +268,7 @@ def main() -> None:
     }
     rows = []
     for suffix in args.formats:
-        datalist, load = make_subjects(args.data, suffix), loader_for(suffix)
+        datalist, load = make_subjects(args.data, suffix, args.channels), loader_for(suffix)
         for sampler in args.samplers:
             rates: dict[str, list[float]] = {name: [] for name in contenders}
             waits: dict[str, list[float]] = {name: [] for name in contenders}
@@ -316,6 +330,7 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
         f"{args.torch_threads} (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
         f"{'keep_freed_memory() in the training process; ' if args.keep_freed_memory else ''}"
         f"{'our loader without the raw NIfTI header fields (keep_header=False); ' if args.no_header else ''}"
+        f"{f'{args.channels}-channel images; ' if args.channels > 1 else ''}"
         "our queue read through "
         f"{'torch DataLoader' if args.our_batches == 'torch' else 'MONAI ThreadDataLoader'}",
         "",
@@ -355,6 +370,8 @@ def write_table(rows: list[dict], names: list[str], args: argparse.Namespace) ->
         suffix += "_keep_freed_memory"
     if args.no_header:
         suffix += "_no_header"
+    if args.channels > 1:
+        suffix += f"_{args.channels}channels"
     (RESULTS / f"queue{suffix}.md").write_text(text + "\n")
 
 

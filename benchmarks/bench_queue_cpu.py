@@ -13,7 +13,7 @@ the per-patch MetaTensors cost.
 
     python benchmarks/bench_queue_cpu.py [--format .nii] [--sampler uniform] [--epochs 3] [--torch-threads 1]
         [--default-worker-allocator] [--no-worker-gc-freeze] [--keep-freed-memory] [--no-track-meta]
-        [--step-ms 0] [--our-batches thread] [--no-header] [--loadimaged]
+        [--step-ms 0] [--our-batches thread] [--no-header] [--loadimaged] [--channels 1]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument(
         "--loadimaged", action="store_true", help="load with MONAI's LoadImaged, as bench_queue.py's second column"
     )
+    parser.add_argument("--channels", type=int, default=1, help="image channels (above 1: 4-D images)")
     parser.add_argument("--data", type=Path, default=bench_queue.RESULTS / "queue_data")
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
@@ -98,7 +99,7 @@ def main() -> None:
         keep_freed_memory()
     if args.no_track_meta:
         set_track_meta(False)  # before the queue forks its workers, which inherit it
-    datalist = bench_queue.make_subjects(args.data, args.format)
+    datalist = bench_queue.make_subjects(args.data, args.format, args.channels)
     load = bench_queue.loader_for(args.format) if args.loadimaged else bench_queue.mapped_loader(not args.no_header)
     contender = bench_queue.ours(datalist, args.sampler, load, args.our_batches)
     step_s = args.step_ms / 1e3
@@ -115,8 +116,9 @@ def main() -> None:
     contender.close()
     allocator = "glibc defaults" if args.default_worker_allocator else "keep_freed_memory"
     here = "keep_freed_memory" if args.keep_freed_memory else "glibc defaults"
+    channels = f", {args.channels}-channel images" if args.channels > 1 else ""
     print(
-        f"{args.format} {args.sampler}, torch threads {args.torch_threads}, worker allocator: {allocator}, "
+        f"{args.format} {args.sampler}{channels}, torch threads {args.torch_threads}, worker allocator: {allocator}, "
         f"training process allocator: {here}, worker gc freeze: {'off' if args.no_worker_gc_freeze else 'on'}, "
         f"metadata {'off' if args.no_track_meta else 'tracked'}{', no raw header' if args.no_header else ''}, "
         f"loader {'LoadImaged' if args.loadimaged else 'LoadMappedNiftid'}, "
