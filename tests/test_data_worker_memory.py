@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from monai_patchqueue.data.worker_memory import (
+    _M_MMAP_MAX,
     _M_MMAP_THRESHOLD,
     _M_TRIM_THRESHOLD,
     _mallopt,
@@ -25,20 +26,26 @@ pytestmark = pytest.mark.skipif(_mallopt() is None, reason="glibc's mallopt is n
 
 
 class _FaultsPerSubject(torch.utils.data.Dataset):
-    """Each item cuts and frees a subject's worth of 1 MiB patches, and returns the page faults that took."""
+    """Each item allocates and frees a subject's worth of memory (32 MiB of 1 MiB patches, or one 48 MiB volume:
+    beyond the 32 MiB from which glibc gives every allocation a mapping of its own), and returns the page faults
+    that took."""
+
+    def __init__(self, pieces: int, mib: int) -> None:
+        self.pieces, self.mib = pieces, mib
 
     def __len__(self) -> int:
         return 4
 
     def __getitem__(self, index: int) -> int:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        patches = [torch.ones(2**18) for _ in range(32)]  # 32 MiB of fresh float32 tensors, all touched
-        del patches
+        pieces = [torch.ones(self.mib * 2**18 // self.pieces) for _ in range(self.pieces)]  # float32, all touched
+        del pieces
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def _faults(worker_init_fn) -> list[int]:
-    loader = DataLoader(_FaultsPerSubject(), batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)
+def _faults(worker_init_fn, pieces: int = 32, mib: int = 32) -> list[int]:
+    subjects = _FaultsPerSubject(pieces, mib)
+    loader = DataLoader(subjects, batch_size=None, num_workers=1, worker_init_fn=worker_init_fn)
     return [int(faults) for faults in loader]
 
 
@@ -46,6 +53,7 @@ def _returning(worker_id: int) -> None:
     """glibc's settings in a fresh process (a forked worker inherits whatever its parent's allocations set)."""
     for parameter in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD):
         _mallopt()(parameter, ctypes.c_int(128 * 2**10))
+    _mallopt()(_M_MMAP_MAX, ctypes.c_int(65536))
 
 
 def _returning_then_kept(worker_id: int) -> None:
@@ -59,9 +67,10 @@ def _returning_then_started(worker_id: int) -> None:
 
 
 @pytest.mark.parametrize("keeping", [_returning_then_kept, _returning_then_started], ids=["kept", "started"])
-def test_a_worker_that_keeps_freed_memory_reuses_it_where_a_fresh_worker_faults_it_in_again(keeping):
-    pages = 32 * 2**20 // resource.getpagesize()
-    kept, fresh = _faults(keeping), _faults(_returning)
+@pytest.mark.parametrize("pieces, mib", [(32, 32), (1, 48)], ids=["32 MiB of patches", "one 48 MiB volume"])
+def test_a_worker_that_keeps_freed_memory_reuses_it_where_a_fresh_worker_faults_it_in_again(keeping, pieces, mib):
+    pages = mib * 2**20 // resource.getpagesize()
+    kept, fresh = _faults(keeping, pieces, mib), _faults(_returning, pieces, mib)
     assert kept[0] >= pages / 2  # the first subject faults its memory in either way
     assert kept[-1] < pages / 4  # later subjects reuse it (a few hundred faults of other allocations under load)
     assert min(fresh[1:]) > pages / 2  # glibc's defaults return it to the system after each subject
