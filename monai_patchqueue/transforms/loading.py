@@ -11,8 +11,8 @@ same metadata as ``LoadImage(reader="NibabelReader")``, with the voxels in the f
   45 ms instead of about 75 ms with ``LoadImage(reader="ITKReader")``);
 - scaled data (``scl_slope``/``scl_inter``), a requested ``dtype`` other than the stored one, byte-swapped
   ``.nii`` files, compressed NIfTI-2 files, voxel types ITK's build lacks (int8) and images ITK reads
-  differently (e.g. 4-D) are read by nibabel and converted as ``LoadImage`` would, with the same values
-  (unsigned 16-64-bit integers become int32 or int64, as MONAI converts them).
+  differently (vector-valued, or of more than 4 dimensions) are read by nibabel and converted as ``LoadImage``
+  would, with the same values (unsigned 16-64-bit integers become int32 or int64, as MONAI converts them).
 
 Patches cut from such a volume are copied into C order by the samplers (:func:`.functional.contiguous_copy`).
 Transforms that compute on every voxel (intensity scaling, resampling) read the whole volume anyway and gain
@@ -126,11 +126,13 @@ class LoadMappedNifti(Transform):
 def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image:
     """Return ``image`` (same header and affine) holding its voxels decompressed by ITK, in file order.
 
-    Only for unscaled 2-D or 3-D NIfTI-1 images that ITK reads with the stored dtype and shape; otherwise
-    ``image`` unchanged (nibabel then reads it). ITK's NIfTI reader does not open compressed NIfTI-2 files.
+    Only for unscaled 2-D to 4-D NIfTI-1 images that ITK reads as scalar images with the stored dtype and shape;
+    otherwise ``image`` unchanged (nibabel then reads it). ITK's NIfTI reader does not open compressed NIfTI-2
+    files. A 4-D file (e.g. channels last) has the same layout in ITK's buffer as in the file: on a
+    192 x 192 x 160 x 4 float32 file ITK took 284-350 ms of CPU against nibabel's 433-437 ms.
     """
     proxy = image.dataobj
-    if not (nib.arrayproxy.is_proxy(proxy) and proxy.slope == 1 and proxy.inter == 0 and len(image.shape) in (2, 3)):
+    if not (nib.arrayproxy.is_proxy(proxy) and proxy.slope == 1 and proxy.inter == 0 and len(image.shape) in (2, 3, 4)):
         return image
     if isinstance(image.header, nib.Nifti2Header):
         return image
@@ -141,9 +143,12 @@ def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image
         # under warnings-as-errors abort the import inside C code and crash the process
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            voxels = itk.array_view_from_image(itk.imread(os.fspath(path))).T  # C order reversed: file order
+            read = itk.imread(os.fspath(path))
         except itk.TemplateTypeError:  # a voxel type this ITK build does not wrap (e.g. int8): nibabel reads it
             return image
+    if read.GetNumberOfComponentsPerPixel() != 1:  # a vector image: its buffer interleaves the components
+        return image
+    voxels = itk.array_view_from_image(read).T  # C order reversed: file order
     if voxels.shape != image.shape or voxels.dtype != image.get_data_dtype().newbyteorder("="):
         return image
     return image.__class__(voxels, image.affine, image.header)
