@@ -198,6 +198,24 @@ def test_a_killed_worker_raises_instead_of_hanging(nifti_subjects):
     queue.close()
 
 
+def test_monais_thread_loader_reseeding_the_queue_restarts_its_workers_from_the_building_thread(monkeypatch):
+    """A worker forked from a thread other than the main one allocates from that thread's glibc arena, whose
+    64 MiB heaps send every larger allocation (a 4-channel volume) to a fresh mapping for every subject; MONAI's
+    ThreadDataLoader reseeds a seedless queue when it is built, and iterates it in a thread of its own."""
+    forking_threads = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forking_threads.append(threading.current_thread().name) or fork())
+    data = [{"image": torch.rand(1, 8, 8, 8)} for _ in range(3)]
+    with PatchQueueDataset(data, UniformSamplerd("image", 4), 4, 2, num_workers=1) as queue:
+        first_workers = queue.worker_pids
+        loader = ThreadDataLoader(queue, batch_size=2)  # reseeds the queue: workers restarted here, at once
+        restarted = queue.worker_pids
+        assert restarted and restarted != first_workers
+        assert sum(1 for batch in loader for _ in batch["image"]) == 6
+        assert queue.worker_pids == restarted  # the loader's thread started none
+    assert forking_threads and set(forking_threads) == {threading.main_thread().name}
+
+
 def test_iterating_in_outer_dataloader_workers_raises_a_clear_error(nifti_subjects):
     with nifti_queue(nifti_subjects) as queue, pytest.raises(RuntimeError, match="num_workers=0"):
         next(iter(DataLoader(queue, batch_size=2, num_workers=2)))

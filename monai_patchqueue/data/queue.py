@@ -194,6 +194,12 @@ class PatchQueueDataset(IterableDataset):
         torch's global generator when they are built. A queue built with an explicit ``seed`` keeps it then, so
         its stream stays reproducible with any loader; a queue built with ``seed=None`` takes MONAI's seed, so
         ``monai.utils.set_determinism`` makes it reproducible.
+
+        Workers that were running start again at once, here, for the new stream, rather than at the next
+        iteration: MONAI's ``ThreadDataLoader`` iterates in a thread of its own, and a worker forked from a
+        thread other than the main one allocates from that thread's glibc arena, whose heaps hold at most
+        64 MiB, so that every larger allocation (a 4-channel volume, say) was mapped afresh and faulted in for
+        every subject, however :func:`~monai_patchqueue.keep_freed_memory` was set.
         """
         if self._explicit_seed and _called_by_monai_loader():
             return self
@@ -201,7 +207,10 @@ class PatchQueueDataset(IterableDataset):
             seed = int(state.randint(np.iinfo(np.int32).max))
         self.seed = check_seed(seed)
         self._planner = EpochPlanner(self.counts, self.seed, self.shuffle_subjects, self.subject_sampler)
+        restart = self._background is not None
         self._stop_background()
+        if restart:
+            self._start(self._epoch)
         return self
 
     def __iter__(self) -> Iterator[dict]:
