@@ -128,8 +128,9 @@ def _with_voxels_from_itk(image: nib.Nifti1Image, path: Path) -> nib.Nifti1Image
 
     Only for unscaled 2-D to 4-D NIfTI-1 images that ITK reads as scalar images with the stored dtype and shape;
     otherwise ``image`` unchanged (nibabel then reads it). ITK's NIfTI reader does not open compressed NIfTI-2
-    files. A 4-D file (e.g. channels last) has the same layout in ITK's buffer as in the file: on a
-    192 x 192 x 160 x 4 float32 file ITK took 284-350 ms of CPU against nibabel's 433-437 ms.
+    files. A 4-D file (e.g. channels last) has the same layout in ITK's buffer as in the file: a 192 x 192 x
+    160 x 4 float32 subject of the queue benchmark (``bench_queue.py --channels 4``) took 118-129 ms of CPU
+    against nibabel's 433-470 ms (284-350 against 433-437 ms for random values, which hardly compress).
     """
     proxy = image.dataobj
     if not (nib.arrayproxy.is_proxy(proxy) and proxy.slope == 1 and proxy.inter == 0 and len(image.shape) in (2, 3, 4)):
