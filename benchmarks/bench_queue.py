@@ -13,7 +13,7 @@ noise).
 monai_patchqueue loads with LoadMappedNiftid (.nii memory-mapped, .nii.gz decompressed by ITK, no C-ordered
 copy of the volume), and also runs with LoadImaged, as the other contenders load, in its own column.
 
-    python benchmarks/bench_queue.py [--repeats 3] [--epochs 6] [--step-ms 0] [--formats .nii] [--samplers uniform]
+    python benchmarks/bench_queue.py [--repeats 3] [--epochs 2] [--step-ms 0] [--formats .nii] [--samplers uniform]
         [--torch-threads 1] [--our-batches thread|torch] [--keep-freed-memory] [--no-header] [--channels 1]
     # writes benchmarks/results/queue*.md; a subset of formats or samplers, or other threads, batches or
     # allocator settings, writes its own file
@@ -318,9 +318,10 @@ def paired_ratios(rates: dict[str, list[float]], ceilings: list[float], our_ceil
     def median_of(pairs) -> float:
         return statistics.median(a / b for a, b in pairs)
 
+    versus_torchio = [a / b for a, b in zip(ours, torchio)]
     return {
-        "vs TorchIO": median_of(zip(ours, torchio)),
-        "vs TorchIO range": (min(a / b for a, b in zip(ours, torchio)), max(a / b for a, b in zip(ours, torchio))),
+        "vs TorchIO": statistics.median(versus_torchio),
+        "vs TorchIO range": (min(versus_torchio), max(versus_torchio)),
         "LoadImaged vs TorchIO": median_of(zip(plain, torchio)),
         "vs our ceiling": median_of(zip(ours, our_ceilings)),
         "vs ceiling": median_of(zip(ours, ceilings)),
